@@ -1,0 +1,196 @@
+"""`icl-gd`: train models, evaluate baselines and compare runs from the command line.
+
+Overrides are Hydra's (`experiment=single_layer train.seeds=5 task.dim=5`); `--multirun`
+sweeps comma-separated values with Hydra's launchers (`hydra/launcher=joblib` locally,
+`hydra/launcher=submitit_slurm` on a cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from icl_gd import config as config_lib
+
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # no "no TPU" notice on every run
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+console = Console()
+OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. experiment=single_layer train.seeds=5")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(overrides: list[str]):
+    try:
+        return config_lib.load_config(overrides)
+    except config_lib.ConfigError as err:
+        _fail(str(err))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    table = Table(title=f"{summary['experiment']}: {summary['status']} in {summary['wall_time_s']:.1f} s ({summary['seeds']} seed(s))")
+    for column in ("metric", "mean", "95% interval"):
+        table.add_column(column)
+    for name, stats in summary["final"].items():
+        lo, hi = stats["ci95"]
+        table.add_row(name, _fmt(stats["mean"]), "-" if lo is None else f"[{lo:.4g}, {hi:.4g}]")
+    console.print(table)
+    console.print(f"run directory: {run_dir}")
+
+
+@app.command()
+def train(
+    overrides: Optional[List[str]] = OVERRIDES,
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (must not exist). Default runs/<experiment>/<timestamp>."),
+    multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep comma-separated override values with Hydra."),
+):
+    """Train a model and write its run directory (config, metrics, plots, checkpoint, summary)."""
+    from icl_gd import experiment, runs
+
+    overrides = list(overrides or [])
+    if multirun:
+        return _multirun(overrides, out)
+    cfg = _load(overrides)
+    run_dir = out if out is not None else runs.default_run_dir(cfg.name)
+    try:
+        runs.check_new(run_dir)
+        result = experiment.train(cfg, run_dir)
+    except runs.RunDirExists as err:
+        _fail(str(err))
+    except experiment.TrainingDiverged as err:
+        _fail(str(err), code=1)
+    print_summary(result.summary, result.run_dir)
+
+
+def _multirun(overrides: list[str], out: Optional[Path]) -> None:
+    """Validate every job of the sweep first, then hand the sweep to Hydra's launcher."""
+    from icl_gd import runs
+
+    try:
+        jobs = config_lib.expand_sweep(overrides)
+    except config_lib.ConfigError as err:
+        _fail(str(err))
+    for job in jobs:
+        _load(job)
+    if out is not None:
+        try:
+            runs.check_new(out)
+        except runs.RunDirExists as err:
+            _fail(str(err))
+        overrides = [*overrides, f"hydra.sweep.dir={out}"]
+    console.print(f"launching {len(jobs)} job(s)")
+    import hydra
+
+    job = hydra.main(config_path=str(config_lib.CONF_DIR), config_name="config", version_base="1.3")(_hydra_entry)
+    argv = sys.argv
+    sys.argv = [argv[0], "--multirun", *overrides]
+    try:
+        job()
+    finally:
+        sys.argv = argv
+
+
+def _hydra_entry(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from icl_gd import experiment
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    result = experiment.train(cfg, run_dir, allow_empty_dir=True)
+    print_summary(result.summary, result.run_dir)
+
+
+@app.command()
+def baselines(
+    overrides: Optional[List[str]] = OVERRIDES,
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON (must not exist)."),
+):
+    """Evaluate the reference algorithms on the configured task, without training."""
+    from icl_gd import experiment, runs
+
+    cfg = _load(list(overrides or []))
+    if json_file is not None and json_file.exists():
+        _fail(f"--json: {json_file} already exists; choose a new file")
+    refs = experiment.compute_references(cfg)
+    data = refs.as_dict()
+    t = cfg.task
+    table = Table(title=f"references: d={t.dim}, N={t.n_context}, x~{t.x_dist}(scale {t.x_scale}), "
+                        f"noise {t.noise_std}, {cfg.eval.n_tasks} eval tasks")
+    for column in ("reference", "eta / lambda", "loss"):
+        table.add_column(column)
+    table.add_row(f"GD, {refs.layers} step(s), line-searched eta", _fmt(data["gd"]["eta"]), _fmt(data["gd"]["loss"]))
+    if data["gd_closed_form"]:
+        table.add_row("GD, 1 step, closed form (expected)", _fmt(data["gd_closed_form"]["eta"]), _fmt(data["gd_closed_form"]["loss"]))
+    table.add_row("OLS", "-", _fmt(data["ols"]["loss"]))
+    table.add_row("ridge (Bayes-optimal lambda)", _fmt(data["ridge"]["lambda"]), _fmt(data["ridge"]["loss"]))
+    console.print(table)
+    if json_file is not None:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        runs.write_json(json_file, data)
+        console.print(f"written: {json_file}")
+
+
+@app.command()
+def compare(
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories written by `icl-gd train`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where the figure and table go (must not exist). Default runs/compare/<timestamp>."),
+):
+    """Overlay the curves of several runs and tabulate their final metrics."""
+    import pandas as pd
+
+    from icl_gd import plots, runs
+
+    for run_dir in run_dirs:
+        if not (run_dir / runs.METRICS_FILE).exists() or not (run_dir / runs.SUMMARY_FILE).exists():
+            _fail(f"RUN_DIR: {run_dir} is not a run directory (no {runs.METRICS_FILE} / {runs.SUMMARY_FILE})")
+    out = out if out is not None else runs.default_run_dir("compare")
+    try:
+        runs.check_new(out)
+    except runs.RunDirExists as err:
+        _fail(str(err))
+    frames, rows = {}, []
+    for i, run_dir in enumerate(run_dirs):
+        summary = runs.load_summary(run_dir)
+        label = f"{summary['experiment']}/{run_dir.name}"
+        label = label if label not in frames else f"{label} ({i})"
+        frames[label] = runs.load_metrics(run_dir)
+        row = {"run": label, "status": summary["status"], "seeds": summary["seeds"]}
+        row.update({name: stats["mean"] for name, stats in summary.get("final", {}).items()})
+        rows.append(row)
+    out.mkdir(parents=True)
+    table_df = pd.DataFrame(rows)
+    table_df.to_csv(out / "compare.csv", index=False)
+    paths = plots.compare(frames, out / "compare")
+    table = Table(title="final metrics (mean over seeds)")
+    for column in table_df.columns:
+        table.add_column(str(column))
+    for _, row in table_df.iterrows():
+        table.add_row(*[_fmt(v) for v in row.tolist()])
+    console.print(table)
+    console.print("written: " + ", ".join(str(p) for p in [out / "compare.csv", *paths]))
+
+
+@app.command("experiments")
+def list_experiments():
+    """List the named experiments (`experiment=<name>`)."""
+    for name in config_lib.group_options("experiment"):
+        first = (config_lib.CONF_DIR / "experiment" / f"{name}.yaml").read_text().splitlines()[1:3]
+        console.print(f"[bold]{name}[/bold]: " + " ".join(line.lstrip("# ") for line in first))

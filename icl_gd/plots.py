@@ -1,0 +1,85 @@
+"""Figures (PNG and PDF): training curves of a run against its references, and the overlay of
+several runs for `icl-gd compare`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import scipy.stats  # noqa: E402
+
+PANELS = (
+    ("loss", "loss", "log"),
+    ("preds_diff", "preds diff to GD", "log"),
+    ("model_cos", "model cos to GD", "linear"),
+    ("model_diff", "model diff to GD", "log"),
+)
+
+
+def band(df: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Mean over seeds and its Student-t 95% interval, per step."""
+    grouped = df.groupby("step")[column]
+    mean, std, count = grouped.mean(), grouped.std(ddof=1), grouped.count()
+    half = scipy.stats.t.ppf(0.975, np.maximum(count - 1, 1)) * std.fillna(0.0) / np.sqrt(count)
+    return pd.DataFrame({"mean": mean, "lo": mean - half, "hi": mean + half})
+
+
+def _plot_band(ax, df: pd.DataFrame, column: str, label: str, color=None, linestyle="-"):
+    b = band(df, column)
+    (line,) = ax.plot(b.index, b["mean"], label=label, color=color, linestyle=linestyle)
+    ax.fill_between(b.index, b["lo"], b["hi"], color=line.get_color(), alpha=0.2, linewidth=0)
+    return line
+
+
+def save(fig, stem: Path) -> list[Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    for path in paths:
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def training_curves(df: pd.DataFrame, summary: dict, stem: Path) -> list[Path]:
+    """Four panels over training: loss (with GD and OLS losses), preds diff, model cos and
+    model diff to GD; mean over seeds with a 95% band."""
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    refs = summary.get("references", {})
+    for ax, (column, title, scale) in zip(axes, PANELS):
+        _plot_band(ax, df, column, "trained model")
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.set_yscale(scale)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(refs["gd"]["loss"], color="k", linestyle="--", label=f"GD ({refs['gd']['steps']} step(s))")
+    if "interpolated_loss" in df and df["interpolated_loss"].notna().any():
+        _plot_band(axes[0], df, "interpolated_loss", "interpolated", linestyle=":")
+    axes[2].set_ylim(top=1.02)
+    axes[0].legend(fontsize=8)
+    seeds = summary.get("seeds", 1)
+    fig.suptitle(f"{summary.get('experiment', '')}: {seeds} seed(s), mean and 95% interval", fontsize=10)
+    return save(fig, stem)
+
+
+def compare(frames: dict[str, pd.DataFrame], stem: Path) -> list[Path]:
+    """Overlay the curves of several runs, one color per run."""
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for i, (label, df) in enumerate(frames.items()):
+        color = f"C{i % 10}"
+        for ax, (column, _, _) in zip(axes, PANELS):
+            if column in df:
+                _plot_band(ax, df, column, label, color=color)
+        axes[0].plot(df["step"].unique(), df.groupby("step")["gd_loss"].mean(), color=color, linestyle="--", linewidth=0.8)
+    for ax, (_, title, scale) in zip(axes, PANELS):
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.set_yscale(scale)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("runs compared (dashed: each run's GD loss)", fontsize=10)
+    return save(fig, stem)

@@ -1,0 +1,183 @@
+"""Reference algorithms (SPEC sections 4 and 6): GD and GD++ as LSA weights, GD computed
+directly, the learning-rate line search, closed forms, OLS and ridge.
+
+The GD reference is explicit `jnp` on purpose: it is the object of study, and tests check the
+LSA constructions against it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from icl_gd import models, tasks as tasks_lib
+from icl_gd.tasks import Tasks
+
+
+def gdpp_weights(etas_K: jax.Array, gammas_K: jax.Array, dim: int, n_context: int) -> models.Weights:
+    """K LSA layers doing GD++ steps (SPEC section 4), as products `W_KQ`, `W_PV` per layer.
+
+    `W_KQ = [[I_d, 0], [0, 0]]` reads `x_i^T x_j`; `W_PV = [[-gamma/N I_d, 0], [0, -eta/N]]`
+    moves every label by `-(eta/N) sum_i y_i x_i^T x_j` (the GD step) and every input by
+    `-(gamma/N) sum_i x_i x_i^T x_j`. `gamma = 0` is plain GD: `W_K = W_Q = [[I, 0], [0, 0]]`,
+    `W_V = [[0, 0], [0, -1]]`, `W_P = [[0, 0], [0, eta/N]]`.
+    """
+    etas_K, gammas_K = jnp.atleast_1d(etas_K), jnp.atleast_1d(gammas_K)
+    n_layers, d1 = etas_K.shape[0], dim + 1
+    x_block = jnp.zeros((d1, d1)).at[:dim, :dim].set(jnp.eye(dim))
+    label = jnp.zeros((d1, d1)).at[dim, dim].set(1.0)
+    w_kq = jnp.broadcast_to(x_block, (n_layers, 1, d1, d1))
+    w_pv = -(gammas_K[:, None, None] * x_block + etas_K[:, None, None] * label) / n_context
+    return {"w_kq": w_kq, "w_pv": w_pv[:, None]}
+
+
+def gd_weights(etas_K: jax.Array, dim: int, n_context: int) -> models.Weights:
+    """K plain GD steps as LSA weights (GD++ with `gamma = 0`)."""
+    etas_K = jnp.atleast_1d(etas_K)
+    return gdpp_weights(etas_K, jnp.zeros_like(etas_K), dim, n_context)
+
+
+def gd_direct(x_Nxd: jax.Array, y_N: jax.Array, xq_d: jax.Array, etas_K: jax.Array) -> jax.Array:
+    """Predictions `W_k x_q` after each of K GD steps on `L(W) = 1/(2N) sum (W x_i - y_i)^2`, from `W_0 = 0`."""
+    n = x_Nxd.shape[0]
+
+    def step(w_d, eta):
+        grad = x_Nxd.T @ (x_Nxd @ w_d - y_N) / n
+        w_d = w_d - eta * grad
+        return w_d, w_d @ xq_d
+
+    _, preds = jax.lax.scan(step, jnp.zeros(x_Nxd.shape[1], x_Nxd.dtype), jnp.atleast_1d(etas_K))
+    return preds
+
+
+def gdpp_direct(x_Nxd, y_N, xq_d, etas_K, gammas_K) -> jax.Array:
+    """GD++ computed on the data: each step moves the residual labels by a GD step and every input
+    by `x <- x - gamma (1/N) sum_i x_i x_i^T x`, both from the state before the step."""
+    n = x_Nxd.shape[0]
+
+    def step(state, eta_gamma):
+        x, r, xq, q = state
+        eta, gamma = eta_gamma
+        gram = x.T @ x / n
+        r_new = r - eta * (x @ (x.T @ r)) / n
+        q_new = q - eta * (xq @ (x.T @ r)) / n
+        return (x - gamma * x @ gram, r_new, xq - gamma * gram @ xq, q_new), -q_new
+
+    etas_K, gammas_K = jnp.atleast_1d(etas_K), jnp.atleast_1d(gammas_K)
+    init = (x_Nxd, y_N, xq_d, jnp.zeros((), x_Nxd.dtype))
+    _, preds = jax.lax.scan(step, init, (etas_K, gammas_K))
+    return preds
+
+
+def loss(preds_B: jax.Array, yq_B: jax.Array) -> jax.Array:
+    """`0.5 * mean((y_hat - y_q)^2)` (SPEC section 5)."""
+    return 0.5 * jnp.mean((preds_B - yq_B) ** 2)
+
+
+def minimize_scalar(f: Callable[[jax.Array], jax.Array], lo: float, hi: float, points: int = 64, rounds: int = 5):
+    """Grid search on `[lo, hi]`, zooming `rounds` times around the best point. Non-finite
+    values count as +inf. Returns `(argmin, min)`."""
+
+    def values(grid):
+        v = jax.lax.map(f, grid)
+        return jnp.where(jnp.isfinite(v), v, jnp.inf)
+
+    def zoom(bounds, _):
+        grid = jnp.linspace(bounds[0], bounds[1], points)
+        best = jnp.argmin(values(grid))
+        return jnp.stack([grid[jnp.maximum(best - 1, 0)], grid[jnp.minimum(best + 1, points - 1)]]), None
+
+    bounds, _ = jax.lax.scan(zoom, jnp.array([lo, hi], jnp.float32), None, length=rounds)
+    x = bounds.mean()
+    return x, f(x)
+
+
+class GDReference(NamedTuple):
+    eta: float
+    loss: float
+
+
+def closed_form_gd(dim: int, n_context: int, x_dist: str, x_scale: float, w_std: float = 1.0, noise_std: float = 0.0) -> GDReference:
+    """Best learning rate and expected loss of one GD step (SPEC section 6).
+
+    With `g = (1/N) sum_i y_i x_i^T x_q`: `eta* = E[g y_q] / E[g^2]` and the loss is
+    `0.5 (E[y_q^2] - E[g y_q]^2 / E[g^2])`, where `E[g y_q] = s_w^2 d sigma^4`,
+    `E[g^2] = s_w^2 sigma^2 T + noise^2 d sigma^4 / N`, and
+    `T = (d m4 + d(d-1) sigma^4 + (N-1) d sigma^4) / N`. Noiseless with `s_w = 1` this is
+    SPEC's `eta* = d sigma^2 / T`, loss `0.5 sigma^2 (d - d^2 sigma^4 / T)`.
+    """
+    var, m4 = tasks_lib.input_law(x_dist, x_scale)
+    d, n = dim, n_context
+    t = (d * m4 + d * (d - 1) * var**2 + (n - 1) * d * var**2) / n
+    e_gy = w_std**2 * d * var**2
+    e_gg = w_std**2 * var * t + noise_std**2 * d * var**2 / n
+    e_yy = w_std**2 * d * var + noise_std**2
+    return GDReference(eta=e_gy / e_gg, loss=0.5 * (e_yy - e_gy**2 / e_gg))
+
+
+def gd_loss(etas_K: jax.Array, t: Tasks) -> jax.Array:
+    preds = jax.vmap(gd_direct, in_axes=(0, 0, 0, None))(t.x, t.y, t.xq, etas_K)
+    return loss(preds[:, -1], t.yq)
+
+
+def line_search_eta(t: Tasks, steps: int, eta_max: float) -> GDReference:
+    """The one `eta` shared by `steps` GD steps that minimises the loss on `t`."""
+    eta, value = jax.jit(
+        lambda t: minimize_scalar(lambda e: gd_loss(jnp.full((steps,), e), t), 0.0, eta_max)
+    )(t)
+    return GDReference(eta=float(eta), loss=float(value))
+
+
+def least_squares_weights(x_Nxd: jax.Array, y_N: jax.Array, lam: float | jax.Array = 0.0) -> jax.Array:
+    """Ridge solution `(X^T X + lam I)^-1 X^T y`; `lam = 0` gives the minimum-norm OLS solution."""
+    if isinstance(lam, (int, float)) and lam == 0:
+        return jnp.linalg.pinv(x_Nxd) @ y_N
+    d = x_Nxd.shape[1]
+    return jnp.linalg.solve(x_Nxd.T @ x_Nxd + lam * jnp.eye(d), x_Nxd.T @ y_N)
+
+
+def ridge_predict(x_Nxd, y_N, xq_d, lam=0.0) -> jax.Array:
+    return (least_squares_weights(x_Nxd, y_N, lam) @ xq_d)[None]
+
+
+def bayes_ridge_lambda(noise_std: float, w_std: float) -> float:
+    """Ridge penalty of the posterior mean under `w ~ N(0, s_w^2 I)` and label noise `sigma`."""
+    return noise_std**2 / w_std**2
+
+
+class GDPP(NamedTuple):
+    etas: jax.Array
+    gammas: jax.Array
+    loss: float
+
+
+def fit_gdpp(sample: Callable, steps: int, shared: bool, eta_init: float, key: jax.Array, *, dim: int,
+             n_context: int, train_steps: int, batch: int, lr: float, eval_tasks: Tasks) -> GDPP:
+    """Train GD++'s `(eta_k, gamma_k)` by Adam on the task loss (SPEC section 4), compiled as one
+    scan over fresh batches. `shared` ties them across steps (recurrent models)."""
+    n_params = 1 if shared else steps
+    arch = models.Architecture(layers=steps)
+
+    def batch_loss(params, t):
+        weights = gdpp_weights(params["eta"], params["gamma"], dim, n_context)
+        return loss(models.predict_batch(arch, weights, t.x, t.y, t.xq)[:, -1], t.yq)
+
+    optimizer = optax.adam(lr)
+
+    def run(key):
+        params = {"eta": jnp.full((n_params,), eta_init, jnp.float32), "gamma": jnp.zeros((n_params,), jnp.float32)}
+
+        def step(carry, i):
+            params, opt_state = carry
+            value, grads = jax.value_and_grad(batch_loss)(params, sample(jax.random.fold_in(key, i), batch))
+            updates, opt_state = optimizer.update(grads, opt_state)
+            return (optax.apply_updates(params, updates), opt_state), value
+
+        (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(train_steps))
+        return params, batch_loss(params, eval_tasks)
+
+    params, value = jax.jit(run)(key)
+    return GDPP(etas=params["eta"], gammas=params["gamma"], loss=float(value))
