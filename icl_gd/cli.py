@@ -194,3 +194,21 @@ def list_experiments():
     for name in config_lib.group_options("experiment"):
         first = (config_lib.CONF_DIR / "experiment" / f"{name}.yaml").read_text().splitlines()[1:3]
         console.print(f"[bold]{name}[/bold]: " + " ".join(line.lstrip("# ") for line in first))
+
+
+@app.command()
+def analyze(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `icl-gd train`."),
+    name: str = typer.Argument(..., help="Analysis to run (see `analyses` in the experiment configs)."),
+):
+    """Run a post-training analysis on a finished run; results go to RUN_DIR/analyses/NAME/."""
+    import json
+
+    from icl_gd import analyses, runs
+
+    if not (run_dir / runs.SUMMARY_FILE).exists():
+        _fail(f"RUN_DIR: {run_dir} is not a run directory (no {runs.SUMMARY_FILE})")
+    if name not in analyses.REGISTRY:
+        _fail(f"NAME: unknown analysis '{name}'; allowed: {', '.join(sorted(analyses.REGISTRY)) or '(none)'}")
+    result = analyses.run(name, run_dir)
+    console.print_json(json.dumps(runs._json_ready(result)))

@@ -97,6 +97,7 @@ class EvalConfig:
 class Config:
     name: str = "single_layer"
     out: Optional[str] = None
+    analyses: list[str] = field(default_factory=list)  # run after training, see icl_gd.analyses
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -179,6 +180,10 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check value ranges; raise ConfigError naming the first bad field."""
+    from icl_gd.analyses import REGISTRY
+
+    for name in cfg.analyses:
+        _require(name in REGISTRY, "analyses", f"a list of {', '.join(sorted(REGISTRY)) or '(none registered)'}", name)
     t, m, tr, ev = cfg.task, cfg.model, cfg.train, cfg.eval
     _require(t.kind in TASK_KINDS, "task.kind", " | ".join(TASK_KINDS), t.kind)
     _require(t.dim >= 1, "task.dim", "an integer >= 1", t.dim)

@@ -19,7 +19,7 @@ from flax import nnx
 from omegaconf import DictConfig
 
 from icl_gd import config as config_lib
-from icl_gd import metrics, models, plots, references, runs, tasks, training
+from icl_gd import analyses, metrics, models, plots, references, runs, tasks, training
 from icl_gd.progress import TrainProgress
 
 FINAL_METRICS = ("loss", "gd_loss", "preds_diff", "model_cos", "model_diff", "interpolated_loss")
@@ -209,4 +209,6 @@ def train(cfg: DictConfig, run_dir: Path, allow_empty_dir: bool = False, quiet: 
     summary.update(status="completed", final={k: final[k] for k in FINAL_METRICS}, wall_time_s=time.time() - started)
     run.write_summary(summary)
     plots.training_curves(runs.load_metrics(run.path), summary, run.path / "plots" / "curves")
+    for name in cfg.analyses:
+        summary.setdefault("analyses", {})[name] = analyses.run(name, run.path)
     return RunResult(run.path, summary)
