@@ -9,8 +9,19 @@ later.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from pathlib import Path
 from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from flax import nnx
+
+from icl_gd import metrics, models, plots, references, runs, tasks, tokens
 
 Analysis = Callable[[Path], dict]
 REGISTRY: dict[str, Analysis] = {}
@@ -32,10 +43,227 @@ def output_dir(run_dir: Path, name: str) -> Path:
 
 def run(name: str, run_dir: Path) -> dict:
     """Run analysis `name` on `run_dir` and record its result in the run's summary."""
-    from icl_gd import runs
-
     result = REGISTRY[name](Path(run_dir))
     summary = runs.load_summary(run_dir)
     summary.setdefault("analyses", {})[name] = result
     runs.write_json(Path(run_dir) / runs.SUMMARY_FILE, summary)
     return result
+
+
+def _seed_predictions(graphdef, params, t) -> jax.Array:
+    """Final readout of every seed's trained model on tasks `t`: `[S, T]`."""
+
+    def one(p):
+        model = nnx.merge(graphdef, p)
+        return models.predict_batch(model.arch, model.weights(), t.x, t.y, t.xq)[:, -1]
+
+    return jax.vmap(one)(params)
+
+
+def _table(out: Path, name: str, rows: list[dict]) -> None:
+    pd.DataFrame(rows).to_csv(out / f"{name}.csv", index=False)
+    runs.write_json(out / f"{name}.json", {"rows": rows})
+
+
+# Out-of-distribution evaluation (SPEC section 1): shifts of the training task law.
+INPUT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+WEIGHT_SCALES = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0)
+INPUT_LAWS = ("uniform", "gaussian", "laplace", "exponential")
+
+
+def ood_shifts(task_cfg) -> list[tuple[str, float | str, dict]]:
+    """`(family, value, sampler changes)` for each shift: inputs scaled by a factor, weights scaled
+    by a factor, and inputs from each law at the training inputs' variance."""
+    var = tasks.input_law(task_cfg.x_dist, task_cfg.x_scale).var
+    return (
+        [("input_scale", c, {"x_scale": c * task_cfg.x_scale}) for c in INPUT_SCALES]
+        + [("weight_scale", c, {"w_std": c * task_cfg.w_std}) for c in WEIGHT_SCALES]
+        + [("input_law", law, {"x_dist": law, "x_scale": math.sqrt(var / tasks.input_law(law, 1.0).var)})
+           for law in INPUT_LAWS]
+    )
+
+
+@register("ood")
+def ood(run_dir: Path) -> dict:
+    """Loss under each shift of `ood_shifts` for the trained model (every seed), GD with the run's
+    line-searched eta, GD++ fitted on the training law (`references.fit_gdpp`), OLS and ridge
+    (Bayes-optimal lambda of the training law). Writes `ood.csv`, `ood.json` and `ood.png/pdf`."""
+    cfg, graphdef, params = runs.load_params(run_dir)
+    t_cfg, ev = cfg.task, cfg.eval
+    steps = int(cfg.model.layers)
+    eta = runs.load_summary(run_dir)["references"]["gd"]["eta"]
+    eval_key = jax.random.key(ev.seed)
+    train_law = tasks.sampler(t_cfg)
+    gdpp = references.fit_gdpp(
+        train_law, steps, bool(cfg.model.recurrent), eta, jax.random.fold_in(eval_key, 3), dim=t_cfg.dim,
+        n_context=t_cfg.n_context, train_steps=ev.gdpp_steps, batch=ev.gdpp_batch, lr=ev.gdpp_lr,
+        eval_tasks=train_law(jax.random.fold_in(eval_key, 0), ev.n_tasks))
+    lam = references.bayes_ridge_lambda(t_cfg.noise_std, t_cfg.w_std)
+    etas = jnp.full((steps,), eta)
+    per_task = {
+        "gd": lambda x, y, xq: references.gd_direct(x, y, xq, etas)[-1],
+        "gdpp": lambda x, y, xq: references.gdpp_direct(x, y, xq, gdpp.etas, gdpp.gammas)[-1],
+        "ols": lambda x, y, xq: references.ridge_predict(x, y, xq)[0],
+        "ridge": lambda x, y, xq: references.ridge_predict(x, y, xq, lam)[0],
+    }
+
+    @jax.jit
+    def shifted_losses(t):
+        out = {name: references.loss(jax.vmap(fn)(t.x, t.y, t.xq), t.yq) for name, fn in per_task.items()}
+        out["model"] = jax.vmap(lambda p: references.loss(p, t.yq))(_seed_predictions(graphdef, params, t))
+        return out
+
+    shift_key = jax.random.fold_in(eval_key, 2)  # the same draws for every shift
+    rows = []
+    for family, value, changes in ood_shifts(t_cfg):
+        host = jax.device_get(shifted_losses(tasks.sampler(t_cfg, **changes)(shift_key, ev.n_tasks)))
+        model = metrics.mean_ci95(host.pop("model"))
+        rows.append({"shift": family, "value": value, "model": model["mean"], "model_lo": model["ci95"][0],
+                     "model_hi": model["ci95"][1], **{k: float(v) for k, v in host.items()}})
+    out = output_dir(run_dir, "ood")
+    _table(out, "ood", rows)
+    plots.ood_curves(pd.DataFrame(rows), out / "ood")
+    return {"gd_eta": eta, "gdpp": {"etas": gdpp.etas, "gammas": gdpp.gammas, "loss": gdpp.loss},
+            "ridge_lambda": lam, "rows": rows}
+
+
+# Non-linear regression through the input MLP (SPEC section 1): "MLP + GD" and the partial cos.
+SINE_EXAMPLES = 4
+SINE_GRID = 200
+
+
+def _feature_tasks(weights: models.Weights, t: tasks.Tasks) -> tasks.Tasks:
+    """The tasks seen through the input MLP: features `phi(x)` in place of the inputs."""
+    return t._replace(x=models.embed_inputs(weights, t.x), xq=models.embed_inputs(weights, t.xq))
+
+
+@register("sine")
+def sine(run_dir: Path) -> dict:
+    """Compare a model with an input MLP to "MLP + GD": `K` GD steps on its own learned features
+    `phi(x)`, `eta` line-searched on those features (a set of its own, per seed). Reports, per seed,
+    the losses of both and of OLS on the features, preds diff, and the partial cos: the cosine
+    between the sensitivities `d y_hat / d phi(x_q)` of the model's attention layers and of
+    GD on the features, i.e. the model cos restricted to what GD on the learned features can
+    express (the input MLP shared by both is factored out). Writes `sine.csv/json/png/pdf`."""
+    cfg, graphdef, params = runs.load_params(run_dir)
+    if not cfg.model.input_mlp:
+        raise ValueError("analysis sine: needs a model with an input MLP (model.input_mlp=true)")
+    ev, steps, n_context = cfg.eval, int(cfg.model.layers), int(cfg.task.n_context)
+    sample = tasks.sampler(cfg.task)
+    eval_key = jax.random.key(ev.seed)
+    eval_tasks = sample(jax.random.fold_in(eval_key, 0), ev.n_tasks)
+    search_tasks = sample(jax.random.fold_in(eval_key, 1), ev.line_search_tasks)
+
+    def per_seed(p):
+        model = nnx.merge(graphdef, p)
+        weights = model.weights()
+        on_features = dataclasses.replace(model.arch, input_mlp=False)
+        search = _feature_tasks(weights, search_tasks)
+        eta_max = 2.0 * n_context / jnp.mean(jnp.sum(search.x**2, -1))
+        eta, _ = references.minimize_scalar(lambda e: references.gd_loss(jnp.full((steps,), e), search), 0.0, eta_max)
+        feats = _feature_tasks(weights, eval_tasks)
+        model_ev = metrics.evaluate(functools.partial(models.forward, on_features, weights), feats)
+        gd_ev = metrics.evaluate(lambda x, y, xq: references.gd_direct(x, y, xq, jnp.full((steps,), eta))[-1:], feats)
+        ols = jax.vmap(references.ridge_predict)(feats.x, feats.y, feats.xq)[:, 0]
+        align = {k: v[-1] for k, v in metrics.alignment(model_ev, gd_ev).items()}
+        return {"loss": metrics.losses(model_ev, eval_tasks.yq)[-1], "mlp_gd_loss": metrics.losses(gd_ev, eval_tasks.yq)[0],
+                "mlp_gd_eta": eta, "mlp_ols_loss": references.loss(ols, eval_tasks.yq),
+                "preds_diff": align["preds_diff"], "partial_cos": align["model_cos"]}
+
+    per = jax.device_get(jax.jit(jax.vmap(per_seed))(params))
+    rows = [{"seed": s, **{k: float(v[s]) for k, v in per.items()}} for s in range(int(cfg.train.seeds))]
+    out = output_dir(run_dir, "sine")
+    _table(out, "sine", rows)
+    grid = jnp.linspace(-5.0, 5.0, SINE_GRID)
+    plots.sine_fits(*jax.device_get(_sine_curves(graphdef, params, eval_tasks, grid, per["mlp_gd_eta"][0], steps)),
+                    np.asarray(grid), out / "sine")
+    return {name: metrics.mean_ci95(per[name]) for name in per}
+
+
+def _sine_curves(graphdef, params, t: tasks.Tasks, grid: jax.Array, eta, steps: int):
+    """For the first seed and `SINE_EXAMPLES` tasks: the truth, the model's and MLP + GD's
+    predictions at every query on `grid`, the context points, and the learned features on `grid`."""
+    model = nnx.merge(graphdef, jax.tree_util.tree_map(lambda a: a[0], params))
+    weights = model.weights()
+    ex = jax.tree_util.tree_map(lambda a: a[:SINE_EXAMPLES], t)
+    xq_G = grid[:, None]
+
+    def curves(x, y):
+        feats, feats_q = models.embed_inputs(weights, x), models.embed_inputs(weights, xq_G)
+        net = jax.vmap(lambda xq: models.forward(model.arch, weights, x, y, xq)[-1])(xq_G)
+        gd = jax.vmap(lambda fq: references.gd_direct(feats, y, fq, jnp.full((steps,), eta))[-1])(feats_q)
+        return net, gd
+
+    net, gd = jax.vmap(curves)(ex.x, ex.y)
+    return net, gd, ex.x[..., 0], ex.y, models.embed_inputs(weights, xq_G)
+
+
+# Classic tokens (SPEC section 2): does the first (causal softmax) layer learn to copy?
+COPY_TASKS = 256
+
+
+def token_dependence(weights: models.Weights, layout: tokens.Layout, seq_MxD: jax.Array) -> jax.Array:
+    """`[M, M]`: Frobenius norm of `d update_j / d content_i`, the copy layer's update of token j
+    (its output minus its input) against the data part `(x, y)` of token i (positions held fixed)."""
+    content, pos = seq_MxD[:, : seq_MxD.shape[1] - layout.positions], seq_MxD[:, seq_MxD.shape[1] - layout.positions:]
+
+    def update(c):
+        seq = jnp.concatenate([c, pos], axis=-1)
+        return models.copy_layer(weights, seq) - seq
+
+    jac = jax.jacrev(update)(content)  # [M, D, M, C]
+    return jnp.sqrt(jnp.sum(jac**2, axis=(1, 3)))
+
+
+def dependence_shares(norms_MxM: jax.Array) -> dict[str, dict[str, jax.Array]]:
+    """Share of the squared dependence of each kind of token's update on itself, on its left
+    neighbour and on the rest, averaged over the tokens of that kind (x, y and the query)."""
+    sq = norms_MxM**2
+    m = sq.shape[0]
+    idx = jnp.arange(m)
+    total = sq.sum(1)
+    own = sq[idx, idx] / total
+    left = jnp.where(idx > 0, sq[idx, jnp.maximum(idx - 1, 0)], 0.0) / total
+    kinds = {"x": (idx % 2 == 0) & (idx > 0) & (idx < m - 1), "y": idx % 2 == 1, "query": idx == m - 1}
+    return {kind: {"self": jnp.mean(own, where=sel), "neighbour": jnp.mean(left, where=sel),
+                   "rest": jnp.mean(1.0 - own - left, where=sel)} for kind, sel in kinds.items()}
+
+
+@register("copy")
+def copy(run_dir: Path) -> dict:
+    """Classic tokens: how much the first layer's update of each token depends on the token
+    itself, on its left neighbour and on the rest (Jacobian norms, `token_dependence`), and how
+    well each label token's x slot holds its input after the layer (`copy_cos`, the cosine of the
+    x slot's update with `x_i`). A copying layer gives label tokens a neighbour share near 1.
+    Writes `copy.csv/json/png/pdf`."""
+    cfg, graphdef, params = runs.load_params(run_dir)
+    layout = tokens.Layout.from_config(cfg.task, cfg.model)
+    if layout.kind != "classic":
+        raise ValueError("analysis copy: needs classic tokens (task.tokens=classic)")
+    d = int(cfg.model.input_mlp_features) if cfg.model.input_mlp else int(cfg.task.dim)
+    t = tasks.sampler(cfg.task)(jax.random.fold_in(jax.random.key(cfg.eval.seed), 0), COPY_TASKS)
+
+    def per_seed(p):
+        model = nnx.merge(graphdef, p)
+        weights = model.weights()
+
+        def sequence(x, y, xq):
+            if model.arch.input_mlp:
+                x, xq = models.embed_inputs(weights, x), models.embed_inputs(weights, xq)
+            ctx, query = tokens.build(layout, x, y, xq)
+            return jnp.concatenate([ctx, query[None]]), x
+
+        seqs, xs = jax.vmap(sequence)(t.x, t.y, t.xq)
+        norms = jax.lax.map(functools.partial(token_dependence, weights, layout), seqs, batch_size=32).mean(0)
+        moved = jax.vmap(functools.partial(models.copy_layer, weights))(seqs)[:, 1:-1:2, :d] - seqs[:, 1:-1:2, :d]
+        cos = jnp.sum(moved * xs, -1) / jnp.maximum(jnp.linalg.norm(moved, axis=-1) * jnp.linalg.norm(xs, axis=-1), 1e-12)
+        return norms, dependence_shares(norms), jnp.mean(cos)
+
+    norms, shares, copy_cos = jax.device_get(jax.jit(jax.vmap(per_seed))(params))
+    rows = [{"seed": s, "token": kind, **{part: float(v[s]) for part, v in parts.items()}}
+            for s in range(int(cfg.train.seeds)) for kind, parts in shares.items()]
+    out = output_dir(run_dir, "copy")
+    _table(out, "copy", rows)
+    plots.token_dependence(np.asarray(norms[0]), pd.DataFrame(rows), out / "copy")
+    return {"shares": {kind: {part: metrics.mean_ci95(v) for part, v in parts.items()} for kind, parts in shares.items()},
+            "copy_cos": metrics.mean_ci95(copy_cos)}

@@ -195,6 +195,7 @@ def validate(cfg: DictConfig) -> None:
     _require(0 <= t.distractors <= t.n_context, "task.distractors", f"an integer in [0, task.n_context={t.n_context}]", t.distractors)
     _require(t.tokens in TOKENS, "task.tokens", " | ".join(TOKENS), t.tokens)
     _require(t.kind != "sine" or t.dim == 1, "task.dim", "1 for task.kind=sine", t.dim)
+    _require(t.kind != "sine" or t.distractors == 0, "task.distractors", "0 for task.kind=sine", t.distractors)
     _require(m.layers >= 1, "model.layers", "an integer >= 1", m.layers)
     _require(m.heads >= 1, "model.heads", "an integer >= 1", m.heads)
     _require(m.attention in ATTENTIONS, "model.attention", " | ".join(ATTENTIONS), m.attention)

@@ -19,7 +19,7 @@ from flax import nnx
 from omegaconf import DictConfig
 
 from icl_gd import config as config_lib
-from icl_gd import analyses, metrics, models, plots, references, runs, tasks, training
+from icl_gd import analyses, metrics, models, plots, references, runs, tasks, tokens, training
 from icl_gd.progress import TrainProgress
 
 FINAL_METRICS = ("loss", "gd_loss", "preds_diff", "model_cos", "model_diff", "interpolated_loss")
@@ -62,7 +62,7 @@ def compute_references(cfg: DictConfig) -> References:
     search_tasks = sample(jax.random.fold_in(eval_key, 1), cfg.eval.line_search_tasks)
     closed = None
     if t.kind == "linear":
-        closed = references.closed_form_gd(t.dim, t.n_context, t.x_dist, t.x_scale, t.w_std, t.noise_std)
+        closed = references.closed_form_gd(t.dim, t.n_context, t.x_dist, t.x_scale, t.w_std, t.noise_std, t.distractors)
         eta_max = 3.0 * closed.eta
     else:
         eta_max = 10.0
@@ -93,7 +93,8 @@ def compute_references(cfg: DictConfig) -> References:
 
 
 def interpolates(model_cfg) -> bool:
-    """The interpolated model (SPEC section 5) is defined for one-head linear-attention stacks."""
+    """The interpolated model (SPEC section 5) is defined for one-head linear-attention stacks
+    (on the plain constructed tokens of the GD construction, checked in `make_evaluator`)."""
     return (model_cfg.heads == 1 and model_cfg.attention == "linear" and not model_cfg.layernorm
             and not model_cfg.mlp and not model_cfg.input_mlp)
 
@@ -119,7 +120,7 @@ def make_evaluator(graphdef: nnx.GraphDef, model_cfg, input_dim: int):
         to_gd = metrics.alignment(ev, gd_eval)
         out = {"loss": metrics.losses(ev, eval_tasks.yq)[-1]}
         out.update({name: value[-1] for name, value in to_gd.items()})
-        if with_interpolation:
+        if with_interpolation and model.arch.layout == tokens.Layout():
             mixed = interpolate(weights, gd_weights, input_dim)
             preds = models.predict_batch(model.arch, mixed, eval_tasks.x, eval_tasks.y, eval_tasks.xq)
             out["interpolated_loss"] = references.loss(preds[:, -1], eval_tasks.yq)
@@ -159,10 +160,11 @@ def train(cfg: DictConfig, run_dir: Path, allow_empty_dir: bool = False, quiet: 
     summary["references"] = refs.as_dict()
     input_dim = refs.eval_tasks.x.shape[-1]
     scale = config_lib.init_scale(cfg.model)
-    graphdef = models.graphdef(cfg.model, input_dim, scale)
+    layout = tokens.Layout.from_config(cfg.task, cfg.model)
+    graphdef = models.graphdef(cfg.model, input_dim, scale, layout)
     optimizer = training.make_optimizer(tc)
     init_keys, data_keys = training.seed_keys(tc.seed, n_seeds)
-    params, opt_state = training.init_states(cfg.model, input_dim, scale, optimizer, init_keys)
+    params, opt_state = training.init_states(cfg.model, input_dim, scale, optimizer, init_keys, layout)
     train_chunk = training.make_train_chunk(graphdef, optimizer, tasks.sampler(cfg.task), tc.batch_size)
     evaluator = make_evaluator(graphdef, cfg.model, input_dim)
     evaluate = lambda p: evaluator(p, refs.eval_tasks, refs.gd_eval, refs.gd_weights)  # noqa: E731

@@ -83,3 +83,66 @@ def compare(frames: dict[str, pd.DataFrame], stem: Path) -> list[Path]:
     axes[0].legend(fontsize=7)
     fig.suptitle("runs compared (dashed: each run's GD loss)", fontsize=10)
     return save(fig, stem)
+
+
+OOD_PANELS = (("input_scale", "inputs scaled by"), ("weight_scale", "weights scaled by"), ("input_law", "input law (training variance)"))
+OOD_REFERENCES = (("gd", "GD", "--"), ("gdpp", "GD++", "-."), ("ols", "OLS", ":"), ("ridge", "ridge", (0, (1, 3))))
+
+
+def ood_curves(df: pd.DataFrame, stem: Path) -> list[Path]:
+    """Loss against each distribution shift: the trained model (mean, 95% band over seeds) and
+    the references."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for ax, (family, title) in zip(axes, OOD_PANELS):
+        part = df[df["shift"] == family]
+        xs = np.arange(len(part)) if family == "input_law" else part["value"].astype(float).to_numpy()
+        ax.plot(xs, part["model"], "o-", color="C0", label="trained model")
+        if part["model_lo"].notna().all():
+            ax.fill_between(xs, part["model_lo"], part["model_hi"], color="C0", alpha=0.2, linewidth=0)
+        for i, (column, label, style) in enumerate(OOD_REFERENCES):
+            ax.plot(xs, part[column], marker=".", linestyle=style, color=f"C{i + 1}", label=label)
+        if family == "input_law":
+            ax.set_xticks(xs, part["value"])
+        ax.set_title(title)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("out-of-distribution evaluation (trained on the unshifted law)", fontsize=10)
+    return save(fig, stem)
+
+
+def sine_fits(net_ExG, gd_ExG, ctx_x_ExN, ctx_y_ExN, feats_GxF, grid_G, stem: Path) -> list[Path]:
+    """Example sine tasks (context points, the model's and MLP + GD's predictions over the query
+    range) and the learned input-MLP features."""
+    n = net_ExG.shape[0]
+    fig, axes = plt.subplots(1, n + 1, figsize=(3.6 * (n + 1), 3.4))
+    for e, ax in enumerate(axes[:n]):
+        ax.plot(grid_G, net_ExG[e], color="C0", label="trained model")
+        ax.plot(grid_G, gd_ExG[e], color="C1", linestyle="--", label="MLP + GD")
+        ax.scatter(ctx_x_ExN[e], ctx_y_ExN[e], color="k", s=12, zorder=3, label="context")
+        ax.set_xlabel("query x")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[-1].plot(grid_G, feats_GxF, linewidth=1)
+    axes[-1].set_title("learned features phi(x)")
+    axes[-1].set_xlabel("x")
+    fig.suptitle("sine regression through an input MLP (seed 0)", fontsize=10)
+    return save(fig, stem)
+
+
+def token_dependence(norms_MxM: np.ndarray, shares: pd.DataFrame, stem: Path) -> list[Path]:
+    """The copy layer's Jacobian norms between tokens (seed 0) and the shares of each kind of
+    token's dependence on itself, its left neighbour and the rest (mean over seeds)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    image = left.imshow(np.log10(norms_MxM + 1e-12), cmap="viridis")
+    fig.colorbar(image, ax=left, label="log10 ||d update_j / d token_i||")
+    left.set_xlabel("token i (x_1, y_1, ..., query)")
+    left.set_ylabel("updated token j")
+    means = shares.groupby("token")[["self", "neighbour", "rest"]].mean()
+    means.plot.bar(ax=right, rot=0)
+    right.set_ylabel("share of squared dependence")
+    right.set_ylim(0, 1)
+    right.grid(alpha=0.3, axis="y")
+    fig.suptitle("classic tokens: what the first layer's update of each token depends on", fontsize=10)
+    return save(fig, stem)

@@ -100,21 +100,29 @@ class GDReference(NamedTuple):
     loss: float
 
 
-def closed_form_gd(dim: int, n_context: int, x_dist: str, x_scale: float, w_std: float = 1.0, noise_std: float = 0.0) -> GDReference:
+def closed_form_gd(dim: int, n_context: int, x_dist: str, x_scale: float, w_std: float = 1.0, noise_std: float = 0.0,
+                   distractors: int = 0) -> GDReference:
     """Best learning rate and expected loss of one GD step (SPEC section 6).
 
     With `g = (1/N) sum_i y_i x_i^T x_q`: `eta* = E[g y_q] / E[g^2]` and the loss is
-    `0.5 (E[y_q^2] - E[g y_q]^2 / E[g^2])`, where `E[g y_q] = s_w^2 d sigma^4`,
+    `0.5 (E[y_q^2] - E[g y_q]^2 / E[g^2])`. For `N` clean labels, `E[g y_q] = s_w^2 d sigma^4`,
     `E[g^2] = s_w^2 sigma^2 T + noise^2 d sigma^4 / N`, and
     `T = (d m4 + d(d-1) sigma^4 + (N-1) d sigma^4) / N`. Noiseless with `s_w = 1` this is
-    SPEC's `eta* = d sigma^2 / T`, loss `0.5 sigma^2 (d - d^2 sigma^4 / T)`.
+    SPEC's `eta* = d sigma^2 / T`, loss `0.5 sigma^2 (d - d^2 sigma^4 / T)`. With `k`
+    distractors (labels replaced by independent noise of the labels' variance `s_y^2`), only
+    the `C = N - k` clean labels correlate with `y_q` and with each other:
+    `E[g y_q] = (C/N) s_w^2 d sigma^4` and
+    `N^2 E[g^2] = C (A + noise^2 d sigma^4) + k s_y^2 d sigma^4 + C (C-1) s_w^2 d sigma^6`,
+    with `A = s_w^2 sigma^2 (d m4 + d(d-1) sigma^4)` (one clean term squared).
     """
     var, m4 = tasks_lib.input_law(x_dist, x_scale)
-    d, n = dim, n_context
-    t = (d * m4 + d * (d - 1) * var**2 + (n - 1) * d * var**2) / n
-    e_gy = w_std**2 * d * var**2
-    e_gg = w_std**2 * var * t + noise_std**2 * d * var**2 / n
+    d, n, k = dim, n_context, distractors
+    clean = n - k
     e_yy = w_std**2 * d * var + noise_std**2
+    one_term = w_std**2 * var * (d * m4 + d * (d - 1) * var**2)
+    e_gy = clean / n * w_std**2 * d * var**2
+    e_gg = (clean * (one_term + noise_std**2 * d * var**2) + k * e_yy * d * var**2
+            + clean * (clean - 1) * w_std**2 * d * var**3) / n**2
     return GDReference(eta=e_gy / e_gg, loss=0.5 * (e_yy - e_gy**2 / e_gg))
 
 

@@ -111,18 +111,19 @@ def load_params(run_dir: str | Path) -> tuple[DictConfig, nnx.GraphDef, nnx.Stat
     """Config, model structure and the trained parameters of every seed (leading seed axis)."""
     import orbax.checkpoint as ocp
 
-    from icl_gd import models, training
+    from icl_gd import models, tokens, training
 
     logging.getLogger("absl").setLevel(logging.WARNING)
     cfg = load_config(run_dir)
     input_dim = cfg.task.dim
     scale = config_lib.init_scale(cfg.model)
+    layout = tokens.Layout.from_config(cfg.task, cfg.model)
     init_keys, _ = training.seed_keys(cfg.train.seed, cfg.train.seeds)
-    abstract = jax.eval_shape(jax.vmap(lambda k: models.init_params(cfg.model, input_dim, scale, k)), init_keys)
+    abstract = jax.eval_shape(jax.vmap(lambda k: models.init_params(cfg.model, input_dim, scale, k, layout)), init_keys)
     with ocp.CheckpointManager((Path(run_dir) / "checkpoint").resolve()) as manager:
         restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(nnx.to_pure_dict(abstract)))
     nnx.replace_by_pure_dict(abstract, restored)
-    return cfg, models.graphdef(cfg.model, input_dim, scale), abstract
+    return cfg, models.graphdef(cfg.model, input_dim, scale, layout), abstract
 
 
 def load_model(run_dir: str | Path, seed: int = 0):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from icl_gd import models, references
+from icl_gd import models, references, tokens
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
@@ -60,11 +60,12 @@ def make_train_chunk(graphdef: nnx.GraphDef, optimizer: optax.GradientTransforma
     return jax.jit(vmapped, static_argnums=4, donate_argnums=(0, 1))
 
 
-def init_states(model_cfg, input_dim: int, init_scale: float, optimizer, init_keys: jax.Array):
+def init_states(model_cfg, input_dim: int, init_scale: float, optimizer, init_keys: jax.Array,
+                layout: tokens.Layout = tokens.Layout()):
     """Parameters and optimizer state for every seed (leading seed axis)."""
 
     def init(key):
-        params = models.init_params(model_cfg, input_dim, init_scale, key)
+        params = models.init_params(model_cfg, input_dim, init_scale, key, layout)
         return params, optimizer.init(params)
 
     return jax.jit(jax.vmap(init))(init_keys)
