@@ -85,7 +85,8 @@ def ood_shifts(task_cfg) -> list[tuple[str, float | str, dict]]:
 
 @register("ood")
 def ood(run_dir: Path) -> dict:
-    """Loss under each shift of `ood_shifts` for the trained model (every seed), GD with the run's
+    """Loss under each shift of `ood_shifts` (applied to the draws of the run's evaluation set, so the
+    unshifted rows repeat the run's final losses) for the trained model (every seed), GD with the run's
     line-searched eta, GD++ fitted on the training law (`references.fit_gdpp`), OLS and ridge
     (Bayes-optimal lambda of the training law). Writes `ood.csv`, `ood.json` and `ood.png/pdf`."""
     cfg, graphdef, params = runs.load_params(run_dir)
@@ -113,7 +114,7 @@ def ood(run_dir: Path) -> dict:
         out["model"] = jax.vmap(lambda p: references.loss(p, t.yq))(_seed_predictions(graphdef, params, t))
         return out
 
-    shift_key = jax.random.fold_in(eval_key, 2)  # the same draws for every shift
+    shift_key = jax.random.fold_in(eval_key, 0)  # the run's evaluation draws, shifted
     rows = []
     for family, value, changes in ood_shifts(t_cfg):
         host = jax.device_get(shifted_losses(tasks.sampler(t_cfg, **changes)(shift_key, ev.n_tasks)))
@@ -137,18 +138,37 @@ def _feature_tasks(weights: models.Weights, t: tasks.Tasks) -> tasks.Tasks:
     return t._replace(x=models.embed_inputs(weights, t.x), xq=models.embed_inputs(weights, t.xq))
 
 
+def mlp_gd(arch: models.Architecture, weights: models.Weights, eval_tasks: tasks.Tasks, search_tasks: tasks.Tasks,
+           steps: int) -> dict[str, jax.Array]:
+    """A model with an input MLP against "MLP + GD": `steps` GD steps on its own learned features
+    `phi(x)`, `eta` line-searched on `search_tasks` seen through the same features. Returns both
+    losses, the eta, OLS on the features, preds diff and the partial cos: the cosine between the
+    sensitivities `d y_hat / d phi(x_q)` of the model's attention layers and of GD on the
+    features, i.e. the model cos restricted to what GD on the learned features can express (the
+    input MLP shared by both is factored out)."""
+    on_features = dataclasses.replace(arch, input_mlp=False)
+    search = _feature_tasks(weights, search_tasks)
+    n_context = search.x.shape[-2]
+    eta_max = 2.0 * n_context / jnp.mean(jnp.sum(search.x**2, -1))
+    eta, _ = references.minimize_scalar(lambda e: references.gd_loss(jnp.full((steps,), e), search), 0.0, eta_max)
+    feats = _feature_tasks(weights, eval_tasks)
+    model_ev = metrics.evaluate(functools.partial(models.forward, on_features, weights), feats)
+    gd_ev = metrics.evaluate(lambda x, y, xq: references.gd_direct(x, y, xq, jnp.full((steps,), eta))[-1:], feats)
+    ols = jax.vmap(references.ridge_predict)(feats.x, feats.y, feats.xq)[:, 0]
+    align = {k: v[-1] for k, v in metrics.alignment(model_ev, gd_ev).items()}
+    return {"loss": metrics.losses(model_ev, eval_tasks.yq)[-1], "mlp_gd_loss": metrics.losses(gd_ev, eval_tasks.yq)[0],
+            "mlp_gd_eta": eta, "mlp_ols_loss": references.loss(ols, eval_tasks.yq),
+            "preds_diff": align["preds_diff"], "partial_cos": align["model_cos"]}
+
+
 @register("sine")
 def sine(run_dir: Path) -> dict:
-    """Compare a model with an input MLP to "MLP + GD": `K` GD steps on its own learned features
-    `phi(x)`, `eta` line-searched on those features (a set of its own, per seed). Reports, per seed,
-    the losses of both and of OLS on the features, preds diff, and the partial cos: the cosine
-    between the sensitivities `d y_hat / d phi(x_q)` of the model's attention layers and of
-    GD on the features, i.e. the model cos restricted to what GD on the learned features can
-    express (the input MLP shared by both is factored out). Writes `sine.csv/json/png/pdf`."""
+    """`mlp_gd` for every seed of a run with an input MLP, on its evaluation set (eta searched on
+    its line-search set), and example fits with the learned features. Writes `sine.csv/json/png/pdf`."""
     cfg, graphdef, params = runs.load_params(run_dir)
     if not cfg.model.input_mlp:
         raise ValueError("analysis sine: needs a model with an input MLP (model.input_mlp=true)")
-    ev, steps, n_context = cfg.eval, int(cfg.model.layers), int(cfg.task.n_context)
+    ev, steps = cfg.eval, int(cfg.model.layers)
     sample = tasks.sampler(cfg.task)
     eval_key = jax.random.key(ev.seed)
     eval_tasks = sample(jax.random.fold_in(eval_key, 0), ev.n_tasks)
@@ -156,19 +176,7 @@ def sine(run_dir: Path) -> dict:
 
     def per_seed(p):
         model = nnx.merge(graphdef, p)
-        weights = model.weights()
-        on_features = dataclasses.replace(model.arch, input_mlp=False)
-        search = _feature_tasks(weights, search_tasks)
-        eta_max = 2.0 * n_context / jnp.mean(jnp.sum(search.x**2, -1))
-        eta, _ = references.minimize_scalar(lambda e: references.gd_loss(jnp.full((steps,), e), search), 0.0, eta_max)
-        feats = _feature_tasks(weights, eval_tasks)
-        model_ev = metrics.evaluate(functools.partial(models.forward, on_features, weights), feats)
-        gd_ev = metrics.evaluate(lambda x, y, xq: references.gd_direct(x, y, xq, jnp.full((steps,), eta))[-1:], feats)
-        ols = jax.vmap(references.ridge_predict)(feats.x, feats.y, feats.xq)[:, 0]
-        align = {k: v[-1] for k, v in metrics.alignment(model_ev, gd_ev).items()}
-        return {"loss": metrics.losses(model_ev, eval_tasks.yq)[-1], "mlp_gd_loss": metrics.losses(gd_ev, eval_tasks.yq)[0],
-                "mlp_gd_eta": eta, "mlp_ols_loss": references.loss(ols, eval_tasks.yq),
-                "preds_diff": align["preds_diff"], "partial_cos": align["model_cos"]}
+        return mlp_gd(model.arch, model.weights(), eval_tasks, search_tasks, steps)
 
     per = jax.device_get(jax.jit(jax.vmap(per_seed))(params))
     rows = [{"seed": s, **{k: float(v[s]) for k, v in per.items()}} for s in range(int(cfg.train.seeds))]
@@ -229,12 +237,20 @@ def dependence_shares(norms_MxM: jax.Array) -> dict[str, dict[str, jax.Array]]:
                    "rest": jnp.mean(1.0 - own - left, where=sel)} for kind, sel in kinds.items()}
 
 
+def copy_r2(updates_TxD: jax.Array, x_Txd: jax.Array) -> jax.Array:
+    """Share of the variance of the updates explained by the best linear map of `x` (least
+    squares with an intercept): 1 when a layer writes (any linear image of) `x` and nothing else."""
+    target = updates_TxD - updates_TxD.mean(0)
+    design = jnp.concatenate([x_Txd, jnp.ones_like(x_Txd[:, :1])], axis=-1)
+    fit = design @ jnp.linalg.lstsq(design, target)[0]
+    return 1.0 - jnp.sum((target - fit) ** 2) / jnp.maximum(jnp.sum(target**2), 1e-12)
+
+
 @register("copy")
 def copy(run_dir: Path) -> dict:
     """Classic tokens: how much the first layer's update of each token depends on the token
     itself, on its left neighbour and on the rest (Jacobian norms, `token_dependence`), and how
-    well each label token's x slot holds its input after the layer (`copy_cos`, the cosine of the
-    x slot's update with `x_i`). A copying layer gives label tokens a neighbour share near 1.
+    much of the label tokens' update is a linear function of their inputs `x_i` (`copy_r2`). A copying layer gives label tokens a neighbour share and `copy_r2` near 1.
     Writes `copy.csv/json/png/pdf`."""
     cfg, graphdef, params = runs.load_params(run_dir)
     layout = tokens.Layout.from_config(cfg.task, cfg.model)
@@ -255,15 +271,14 @@ def copy(run_dir: Path) -> dict:
 
         seqs, xs = jax.vmap(sequence)(t.x, t.y, t.xq)
         norms = jax.lax.map(functools.partial(token_dependence, weights, layout), seqs, batch_size=32).mean(0)
-        moved = jax.vmap(functools.partial(models.copy_layer, weights))(seqs)[:, 1:-1:2, :d] - seqs[:, 1:-1:2, :d]
-        cos = jnp.sum(moved * xs, -1) / jnp.maximum(jnp.linalg.norm(moved, axis=-1) * jnp.linalg.norm(xs, axis=-1), 1e-12)
-        return norms, dependence_shares(norms), jnp.mean(cos)
+        moved = (jax.vmap(functools.partial(models.copy_layer, weights))(seqs) - seqs)[:, 1:-1:2]  # label tokens
+        return norms, dependence_shares(norms), copy_r2(moved.reshape(-1, moved.shape[-1]), xs.reshape(-1, d))
 
-    norms, shares, copy_cos = jax.device_get(jax.jit(jax.vmap(per_seed))(params))
+    norms, shares, r2 = jax.device_get(jax.jit(jax.vmap(per_seed))(params))
     rows = [{"seed": s, "token": kind, **{part: float(v[s]) for part, v in parts.items()}}
             for s in range(int(cfg.train.seeds)) for kind, parts in shares.items()]
     out = output_dir(run_dir, "copy")
     _table(out, "copy", rows)
     plots.token_dependence(np.asarray(norms[0]), pd.DataFrame(rows), out / "copy")
     return {"shares": {kind: {part: metrics.mean_ci95(v) for part, v in parts.items()} for kind, parts in shares.items()},
-            "copy_cos": metrics.mean_ci95(copy_cos)}
+            "copy_r2": metrics.mean_ci95(r2)}

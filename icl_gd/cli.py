@@ -210,5 +210,8 @@ def analyze(
         _fail(f"RUN_DIR: {run_dir} is not a run directory (no {runs.SUMMARY_FILE})")
     if name not in analyses.REGISTRY:
         _fail(f"NAME: unknown analysis '{name}'; allowed: {', '.join(sorted(analyses.REGISTRY)) or '(none)'}")
-    result = analyses.run(name, run_dir)
+    try:
+        result = analyses.run(name, run_dir)
+    except ValueError as err:
+        _fail(str(err))
     console.print_json(json.dumps(runs._json_ready(result)))
