@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 ICL := $(BIN)/icl-gd
 ARGS ?=
 
-.PHONY: venv run test bench baselines single_layer clean-venv
+.PHONY: venv run test bench baselines single_layer ood distractors label_noise sine classic_tokens clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,22 @@ baselines: $(STAMP)
 ## Paper figures: one target per named experiment (conf/experiment/<name>.yaml).
 single_layer: $(STAMP)
 	$(ICL) train experiment=single_layer train.seeds=5 $(ARGS)
+
+## Task variants (docs/experiments_tasks.md).
+ood: $(STAMP)
+	$(ICL) train experiment=ood train.seeds=5 $(ARGS)
+
+distractors: $(STAMP)
+	$(ICL) train experiment=distractors train.seeds=5 $(ARGS)
+
+label_noise: $(STAMP)
+	$(ICL) train experiment=label_noise train.seeds=5 $(ARGS)
+
+sine: $(STAMP)
+	$(ICL) train experiment=sine train.seeds=5 $(ARGS)
+
+classic_tokens: $(STAMP)
+	$(ICL) train experiment=classic_tokens train.seeds=5 $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

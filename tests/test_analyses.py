@@ -81,10 +81,11 @@ def test_mlp_gd_partial_cos_is_one_for_the_gd_construction_on_features():
     weights = {"embed_w1": jax.random.normal(keys[0], (1, 8)), "embed_b1": jnp.linspace(-1, 1, 8),
                "embed_w2": jax.random.normal(keys[1], (8, feats)) / 3, "embed_b2": jnp.zeros(feats)}
     arch = models.Architecture(input_mlp=True)
-    out = analyses.mlp_gd(arch, {**weights, **references.gd_weights(jnp.array([0.3]), feats, n)}, t_eval, t_search, 1)
+    mlp_gd = jax.jit(analyses.mlp_gd, static_argnums=(0, 4))
+    out = mlp_gd(arch, {**weights, **references.gd_weights(jnp.array([0.3]), feats, n)}, t_eval, t_search, 1)
     assert float(out["partial_cos"]) == pytest.approx(1.0, abs=1e-5)
     best = float(out["mlp_gd_eta"])
-    out = analyses.mlp_gd(arch, {**weights, **references.gd_weights(jnp.array([best]), feats, n)}, t_eval, t_search, 1)
+    out = mlp_gd(arch, {**weights, **references.gd_weights(jnp.array([best]), feats, n)}, t_eval, t_search, 1)
     assert float(out["preds_diff"]) == pytest.approx(0.0, abs=1e-5)
     assert float(out["loss"]) == pytest.approx(float(out["mlp_gd_loss"]), rel=1e-5)
     assert float(out["mlp_ols_loss"]) >= 0

@@ -1,0 +1,86 @@
+"""Task variants as named experiments: distractors, label noise, sine and classic tokens; their
+references and the errors on bad values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from icl_gd import config, experiment, references, runs, tasks
+
+TINY = ["train.steps=4", "train.eval_every=2", "train.batch_size=64", "train.progress=false",
+        "eval.n_tasks=200", "eval.line_search_tasks=400"]
+
+
+def test_distractors_replace_exactly_k_labels_with_noise_of_the_labels_scale():
+    kwargs = dict(dim=4, n_context=6, noise_std=0.0)
+    clean = tasks.sample_linear(jax.random.key(5), 20000, **kwargs)
+    fake = tasks.sample_linear(jax.random.key(5), 20000, distractors=2, **kwargs)
+    np.testing.assert_array_equal(fake.x, clean.x)
+    np.testing.assert_array_equal(fake.yq, clean.yq)
+    replaced = np.asarray(fake.y != clean.y)
+    np.testing.assert_array_equal(replaced.sum(1), 2)
+    # Fake labels ~ N(0, d sigma^2 s_w^2) = N(0, 4/12): standard error of the variance ~0.3%.
+    assert float(jnp.var(fake.y[replaced])) == pytest.approx(4 / 12, rel=0.02)
+
+
+@pytest.mark.parametrize("changes", [dict(distractors=2), dict(distractors=3, noise_std=0.5, x_dist="laplace", x_scale=0.3)])
+def test_closed_form_gd_with_distractors_matches_the_line_search(changes):
+    """The expected one-step GD loss with k distractors (references.closed_form_gd) against the
+    line-searched loss on 200,000 tasks (its standard error is about 0.3%)."""
+    params = {**dict(dim=10, n_context=10, x_dist="uniform", x_scale=0.5, noise_std=0.0), **changes}
+    closed = references.closed_form_gd(params["dim"], params["n_context"], params["x_dist"], params["x_scale"],
+                                       1.0, params["noise_std"], params["distractors"])
+    searched = references.line_search_eta(tasks.sample_linear(jax.random.key(7), 200_000, **params), 1, 3 * closed.eta)
+    assert searched.loss == pytest.approx(closed.loss, rel=0.015)
+    assert searched.eta == pytest.approx(closed.eta, rel=0.05)
+    assert closed.loss > references.closed_form_gd(10, 10, params["x_dist"], params["x_scale"], 1.0, params["noise_std"]).loss
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["task.tokens=interleaved"], "task.tokens"),
+    (["task.distractors=11"], "task.distractors"),
+    (["task.distractors=-1"], "task.distractors"),
+    (["task.kind=sine", "task.dim=1", "task.distractors=1"], "task.distractors"),
+    (["task.kind=sine"], "task.dim"),
+    (["task.x_dist=cauchy"], "task.x_dist"),
+    (["task.noise_std=-0.1"], "task.noise_std"),
+    (["model.input_mlp_features=0"], "model.input_mlp_features"),
+    (["model.input_mlp_width=0"], "model.input_mlp_width"),
+    (["analyses=[ood,nope]"], "analyses"),
+    (["analyses=[sine]"], "analyses"),
+    (["experiment=classic_tokens", "task.tokens=constructed"], "analyses"),
+    (["model.positional=maybe"], "model.positional"),
+])
+def test_bad_values_fail_with_one_line_naming_the_field(overrides, field):
+    with pytest.raises(config.ConfigError) as err:
+        config.load_config(overrides)
+    message = str(err.value)
+    assert message.startswith(field) and "\n" not in message
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("distractors", ["task.dim=3", "task.n_context=5"]),
+    ("label_noise", ["task.dim=3", "task.n_context=5"]),
+    ("classic_tokens", ["task.dim=2", "task.n_context=3"]),
+])
+def test_experiment_composes_and_runs(tmp_path, name, extra):
+    cfg = config.load_config([f"experiment={name}", *TINY, *extra])
+    result = experiment.train(cfg, tmp_path / "run", quiet=True)
+    summary = runs.load_summary(result.run_dir)
+    assert summary["status"] == "completed" and summary["experiment"] == name
+    assert np.isfinite(summary["final"]["loss"]["mean"])
+    refs = summary["references"]
+    if name == "distractors":
+        closed = references.closed_form_gd(3, 5, "uniform", 0.5, 1.0, 0.0, 2)
+        assert refs["gd_closed_form"]["loss"] == pytest.approx(closed.loss)
+    if name == "label_noise":
+        assert refs["ridge"]["lambda"] == pytest.approx(0.25)
+        assert refs["ridge"]["loss"] < refs["ols"]["loss"]
+    if name == "classic_tokens":
+        copy = summary["analyses"]["copy"]
+        for kind in ("x", "y", "query"):
+            total = sum(copy["shares"][kind][part]["mean"] for part in ("self", "neighbour", "rest"))
+            assert total == pytest.approx(1.0, abs=1e-5)
+        assert 0.0 <= copy["copy_r2"]["mean"] <= 1.0 + 1e-6
+        assert (result.run_dir / "analyses" / "copy" / "copy.png").exists()
