@@ -90,6 +90,8 @@ def ood(run_dir: Path) -> dict:
     line-searched eta, GD++ fitted on the training law (`references.fit_gdpp`), OLS and ridge
     (Bayes-optimal lambda of the training law). Writes `ood.csv`, `ood.json` and `ood.png/pdf`."""
     cfg, graphdef, params = runs.load_params(run_dir)
+    if cfg.task.kind != "linear":
+        raise ValueError("analysis ood: needs linear regression tasks (task.kind=linear)")
     t_cfg, ev = cfg.task, cfg.eval
     steps = int(cfg.model.layers)
     eta = runs.load_summary(run_dir)["references"]["gd"]["eta"]

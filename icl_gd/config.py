@@ -186,6 +186,7 @@ def validate(cfg: DictConfig) -> None:
         _require(name in REGISTRY, "analyses", f"a list of {', '.join(sorted(REGISTRY)) or '(none registered)'}", name)
     t, m, tr, ev = cfg.task, cfg.model, cfg.train, cfg.eval
     _require("sine" not in cfg.analyses or m.input_mlp, "analyses", "sine only with model.input_mlp=true", "sine")
+    _require("ood" not in cfg.analyses or t.kind == "linear", "analyses", "ood only with task.kind=linear", "ood")
     _require("copy" not in cfg.analyses or t.tokens == "classic", "analyses", "copy only with task.tokens=classic", "copy")
     _require(t.kind in TASK_KINDS, "task.kind", " | ".join(TASK_KINDS), t.kind)
     _require(t.dim >= 1, "task.dim", "an integer >= 1", t.dim)

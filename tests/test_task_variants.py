@@ -49,6 +49,7 @@ def test_closed_form_gd_with_distractors_matches_the_line_search(changes):
     (["model.input_mlp_width=0"], "model.input_mlp_width"),
     (["analyses=[ood,nope]"], "analyses"),
     (["analyses=[sine]"], "analyses"),
+    (["experiment=sine", "analyses=[ood]"], "analyses"),
     (["experiment=classic_tokens", "task.tokens=constructed"], "analyses"),
     (["model.positional=maybe"], "model.positional"),
 ])
