@@ -103,9 +103,10 @@ def ood(run_dir: Path) -> dict:
         eval_tasks=train_law(jax.random.fold_in(eval_key, 0), ev.n_tasks))
     lam = references.bayes_ridge_lambda(t_cfg.noise_std, t_cfg.w_std)
     etas = jnp.full((steps,), eta)
+    gdpp_etas, gdpp_gammas = (jnp.broadcast_to(v, (steps,)) for v in (gdpp.etas, gdpp.gammas))  # shared: tied
     per_task = {
         "gd": lambda x, y, xq: references.gd_direct(x, y, xq, etas)[-1],
-        "gdpp": lambda x, y, xq: references.gdpp_direct(x, y, xq, gdpp.etas, gdpp.gammas)[-1],
+        "gdpp": lambda x, y, xq: references.gdpp_direct(x, y, xq, gdpp_etas, gdpp_gammas)[-1],
         "ols": lambda x, y, xq: references.ridge_predict(x, y, xq)[0],
         "ridge": lambda x, y, xq: references.ridge_predict(x, y, xq, lam)[0],
     }
