@@ -240,20 +240,25 @@ def dependence_shares(norms_MxM: jax.Array) -> dict[str, dict[str, jax.Array]]:
                    "rest": jnp.mean(1.0 - own - left, where=sel)} for kind, sel in kinds.items()}
 
 
-def copy_r2(updates_TxD: jax.Array, x_Txd: jax.Array) -> jax.Array:
-    """Share of the variance of the updates explained by the best linear map of `x` (least
-    squares with an intercept): 1 when a layer writes (any linear image of) `x` and nothing else."""
+def copy_fit(updates_TxD: jax.Array, x_Txd: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The best linear map (least squares with an intercept) from `x` to the updates: the share
+    of the updates' variance it explains (1 when a layer writes a linear image of `x` and nothing
+    else), and its singular values, largest first (how many directions of `x` are copied)."""
     target = updates_TxD - updates_TxD.mean(0)
     design = jnp.concatenate([x_Txd, jnp.ones_like(x_Txd[:, :1])], axis=-1)
-    fit = design @ jnp.linalg.lstsq(design, target)[0]
-    return 1.0 - jnp.sum((target - fit) ** 2) / jnp.maximum(jnp.sum(target**2), 1e-12)
+    coef = jnp.linalg.lstsq(design, target)[0]
+    r2 = 1.0 - jnp.sum((target - design @ coef) ** 2) / jnp.maximum(jnp.sum(target**2), 1e-12)
+    return r2, jnp.linalg.svd(coef[:-1], compute_uv=False)
 
 
 @register("copy")
 def copy(run_dir: Path) -> dict:
     """Classic tokens: how much the first layer's update of each token depends on the token
     itself, on its left neighbour and on the rest (Jacobian norms, `token_dependence`), and how
-    much of the label tokens' update is a linear function of their inputs `x_i` (`copy_r2`). A copying layer gives label tokens a neighbour share and `copy_r2` near 1.
+    much of the label tokens' update is a linear function of their inputs `x_i` (`copy_r2`) and
+    the singular values of that map per seed (`copy_singular_values`: a full copy has `d` of
+    comparable size, a low-rank one copies only some directions of `x_i`). A copying layer gives
+    label tokens a neighbour share and `copy_r2` near 1.
     Writes `copy.csv/json/png/pdf`."""
     cfg, graphdef, params = runs.load_params(run_dir)
     layout = tokens.Layout.from_config(cfg.task, cfg.model)
@@ -275,13 +280,13 @@ def copy(run_dir: Path) -> dict:
         seqs, xs = jax.vmap(sequence)(t.x, t.y, t.xq)
         norms = jax.lax.map(functools.partial(token_dependence, weights, layout), seqs, batch_size=32).mean(0)
         moved = (jax.vmap(functools.partial(models.copy_layer, weights))(seqs) - seqs)[:, 1:-1:2]  # label tokens
-        return norms, dependence_shares(norms), copy_r2(moved.reshape(-1, moved.shape[-1]), xs.reshape(-1, d))
+        return norms, dependence_shares(norms), *copy_fit(moved.reshape(-1, moved.shape[-1]), xs.reshape(-1, d))
 
-    norms, shares, r2 = jax.device_get(jax.jit(jax.vmap(per_seed))(params))
+    norms, shares, r2, singular = jax.device_get(jax.jit(jax.vmap(per_seed))(params))
     rows = [{"seed": s, "token": kind, **{part: float(v[s]) for part, v in parts.items()}}
             for s in range(int(cfg.train.seeds)) for kind, parts in shares.items()]
     out = output_dir(run_dir, "copy")
     _table(out, "copy", rows)
     plots.token_dependence(np.asarray(norms[0]), pd.DataFrame(rows), out / "copy")
     return {"shares": {kind: {part: metrics.mean_ci95(v) for part, v in parts.items()} for kind, parts in shares.items()},
-            "copy_r2": metrics.mean_ci95(r2)}
+            "copy_r2": metrics.mean_ci95(r2), "copy_singular_values": singular}

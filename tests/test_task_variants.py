@@ -84,4 +84,5 @@ def test_experiment_composes_and_runs(tmp_path, name, extra):
             total = sum(copy["shares"][kind][part]["mean"] for part in ("self", "neighbour", "rest"))
             assert total == pytest.approx(1.0, abs=1e-5)
         assert 0.0 <= copy["copy_r2"]["mean"] <= 1.0 + 1e-6
+        assert np.asarray(copy["copy_singular_values"]).shape == (1, 2)
         assert (result.run_dir / "analyses" / "copy" / "copy.png").exists()
