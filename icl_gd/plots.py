@@ -134,7 +134,7 @@ def sine_fits(net_ExG, gd_ExG, ctx_x_ExN, ctx_y_ExN, feats_GxF, grid_G, stem: Pa
 def token_dependence(norms_MxM: np.ndarray, shares: pd.DataFrame, stem: Path) -> list[Path]:
     """The copy layer's Jacobian norms between tokens (seed 0) and the shares of each kind of
     token's dependence on itself, its left neighbour and the rest (mean over seeds)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
     image = left.imshow(np.log10(np.where(norms_MxM > 0, norms_MxM, np.nan)), cmap="viridis")  # blank: none (causal)
     fig.colorbar(image, ax=left, label="log10 ||d update_j / d token_i||")
     left.set_xlabel("token i (x_1, y_1, ..., query)")
