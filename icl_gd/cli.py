@@ -180,10 +180,11 @@ def compare(
     table_df.to_csv(out / "compare.csv", index=False)
     paths = plots.compare(frames, out / "compare")
     table = Table(title="final metrics (mean over seeds)")
-    for column in table_df.columns:
-        table.add_column(str(column))
-    for _, row in table_df.iterrows():
-        table.add_row(*[_fmt(v) for v in row.tolist()])
+    table.add_column("metric")
+    for label in table_df["run"]:
+        table.add_column(label, overflow="fold")
+    for column in table_df.columns.drop("run"):
+        table.add_row(str(column), *[_fmt(v) for v in table_df[column].tolist()])
     console.print(table)
     console.print("written: " + ", ".join(str(p) for p in [out / "compare.csv", *paths]))
 

@@ -137,9 +137,16 @@ class RunResult:
     summary: dict
 
 
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:  # run from a source tree without installing
+        return "not installed"
+
+
 def environment() -> dict:
     device = jax.devices()[0]
-    versions = {pkg: metadata.version(pkg) for pkg in ("icl-gd", "jax", "jaxlib", "flax", "optax")}
+    versions = {pkg: _version(pkg) for pkg in ("icl-gd", "jax", "jaxlib", "flax", "optax")}
     versions["python"] = platform.python_version()
     return {"device": f"{device.platform}:{device.device_kind}", "n_devices": jax.device_count(), "versions": versions}
 

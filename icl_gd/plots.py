@@ -29,10 +29,14 @@ def band(df: pd.DataFrame, column: str) -> pd.DataFrame:
     return pd.DataFrame({"mean": mean, "lo": mean - half, "hi": mean + half})
 
 
-def _plot_band(ax, df: pd.DataFrame, column: str, label: str, color=None, linestyle="-"):
+def _plot_band(ax, df: pd.DataFrame, column: str, label: str, color=None, linestyle="-", seeds: bool = False):
+    """Mean with its 95% band; with `seeds`, each seed as a thin line too (outliers stay visible)."""
     b = band(df, column)
     (line,) = ax.plot(b.index, b["mean"], label=label, color=color, linestyle=linestyle)
     ax.fill_between(b.index, b["lo"], b["hi"], color=line.get_color(), alpha=0.2, linewidth=0)
+    if seeds and df["seed"].nunique() > 1:
+        for _, per_seed in df.groupby("seed"):
+            ax.plot(per_seed["step"], per_seed[column], color=line.get_color(), linewidth=0.6, alpha=0.35)
     return line
 
 
@@ -51,7 +55,7 @@ def training_curves(df: pd.DataFrame, summary: dict, stem: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     refs = summary.get("references", {})
     for ax, (column, title, scale) in zip(axes, PANELS):
-        _plot_band(ax, df, column, "trained model")
+        _plot_band(ax, df, column, "trained model (thin: seeds)", seeds=True)
         ax.set_title(title)
         ax.set_xlabel("training step")
         ax.set_yscale(scale)
@@ -59,6 +63,8 @@ def training_curves(df: pd.DataFrame, summary: dict, stem: Path) -> list[Path]:
     axes[0].axhline(refs["gd"]["loss"], color="k", linestyle="--", label=f"GD ({refs['gd']['steps']} step(s))")
     if "interpolated_loss" in df and df["interpolated_loss"].notna().any():
         _plot_band(axes[0], df, "interpolated_loss", "interpolated", linestyle=":")
+    # The interpolated model explodes while W_KQ's diagonal is near 0: keep the model in view.
+    axes[0].set_ylim(top=1.5 * float(df["loss"].max()))
     axes[2].set_ylim(top=1.02)
     axes[0].legend(fontsize=8)
     seeds = summary.get("seeds", 1)
