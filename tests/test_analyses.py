@@ -16,19 +16,19 @@ TINY = ["train.steps=4", "train.eval_every=2", "train.batch_size=64", "train.see
         "eval.n_tasks=300", "eval.line_search_tasks=600", "eval.gdpp_steps=5", "eval.gdpp_batch=64"]
 
 
-def tiny_run(tmp_path_factory, name: str, *extra: str):
+def train_tiny(tmp_path_factory, name: str, *extra: str):
     cfg = config.load_config([f"experiment={name}", *TINY, *extra])
     return experiment.train(cfg, tmp_path_factory.mktemp(name) / "run", quiet=True)
 
 
 @pytest.fixture(scope="module")
 def ood_run(tmp_path_factory):
-    return tiny_run(tmp_path_factory, "ood", "task.dim=3", "task.n_context=4")
+    return train_tiny(tmp_path_factory, "ood", "task.dim=3", "task.n_context=4")
 
 
 @pytest.fixture(scope="module")
 def sine_run(tmp_path_factory):
-    return tiny_run(tmp_path_factory, "sine", "task.n_context=6", "model.input_mlp_width=8", "model.input_mlp_features=4")
+    return train_tiny(tmp_path_factory, "sine", "task.n_context=6", "model.input_mlp_width=8", "model.input_mlp_features=4")
 
 
 def test_ood_shifts_keep_the_training_variance_for_every_law():
