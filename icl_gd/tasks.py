@@ -80,8 +80,8 @@ def sample_linear(
     y, yq = y_all[:, :n_context], y_all[:, n_context]
     if distractors:
         label_std = w_std * jnp.sqrt(dim * input_law(x_dist, x_scale).var + (noise_std / w_std) ** 2)
-        order = jax.vmap(lambda k: jax.random.permutation(k, n_context))(jax.random.split(k_pos, n_tasks))
-        is_fake = order < distractors
+        _, fake_NxK = jax.lax.top_k(jax.random.uniform(k_pos, (n_tasks, n_context)), distractors)  # a random k-subset
+        is_fake = jnp.any(jnp.arange(n_context) == fake_NxK[..., None], axis=-2)
         y = jnp.where(is_fake, label_std * jax.random.normal(k_fake, y.shape), y)
     return Tasks(x, y, xq, yq)
 
