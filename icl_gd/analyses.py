@@ -192,8 +192,8 @@ def sine(run_dir: Path) -> dict:
 
 
 def _sine_curves(graphdef, params, t: tasks.Tasks, grid: jax.Array, eta, steps: int):
-    """For the first seed and `SINE_EXAMPLES` tasks: the truth, the model's and MLP + GD's
-    predictions at every query on `grid`, the context points, and the learned features on `grid`."""
+    """For the first seed and `SINE_EXAMPLES` tasks: the model's and MLP + GD's predictions at
+    every query on `grid`, the context points, and the learned features on `grid`."""
     model = nnx.merge(graphdef, jax.tree_util.tree_map(lambda a: a[0], params))
     weights = model.weights()
     ex = jax.tree_util.tree_map(lambda a: a[:SINE_EXAMPLES], t)
@@ -252,7 +252,7 @@ def copy_fit(updates_TxD: jax.Array, x_Txd: jax.Array) -> tuple[jax.Array, jax.A
 
 
 @register("copy")
-def copy(run_dir: Path) -> dict:
+def copy_dependence(run_dir: Path) -> dict:
     """Classic tokens: how much the first layer's update of each token depends on the token
     itself, on its left neighbour and on the rest (Jacobian norms, `token_dependence`), and how
     much of the label tokens' update is a linear function of their inputs `x_i` (`copy_r2`) and
