@@ -6,7 +6,11 @@ STAMP := $(VENV)/.installed-stamp
 ICL := $(BIN)/icl-gd
 ARGS ?=
 
-.PHONY: venv run test bench baselines single_layer ood distractors label_noise sine classic_tokens clean-venv
+EXPERIMENTS := single_layer recurrent multi_layer depth_extrapolation softmax layernorm_mlp \
+	ood distractors label_noise sine classic_tokens
+STAMP_TIME := $(shell date +%Y-%m-%d_%H-%M-%S)
+
+.PHONY: venv run test bench baselines clean-venv $(EXPERIMENTS)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,24 +34,20 @@ baselines: $(STAMP)
 	$(ICL) baselines $(ARGS)
 
 ## Paper figures: one target per named experiment (conf/experiment/<name>.yaml).
+## `make <experiment> ARGS="train.seeds=3"` passes overrides through.
 single_layer: $(STAMP)
 	$(ICL) train experiment=single_layer train.seeds=5 $(ARGS)
 
-## Task variants (docs/experiments_tasks.md).
-ood: $(STAMP)
-	$(ICL) train experiment=ood train.seeds=5 $(ARGS)
+recurrent: $(STAMP)
+	$(ICL) train -m experiment=recurrent model.layers=2,3,4,5 --out runs/recurrent/$(STAMP_TIME) $(ARGS)
+	$(ICL) compare runs/recurrent/$(STAMP_TIME)/[0-9]* --out runs/recurrent/$(STAMP_TIME)/compare
 
-distractors: $(STAMP)
-	$(ICL) train experiment=distractors train.seeds=5 $(ARGS)
+multi_layer depth_extrapolation softmax layernorm_mlp: $(STAMP)
+	$(ICL) train experiment=$@ $(ARGS)
 
-label_noise: $(STAMP)
-	$(ICL) train experiment=label_noise train.seeds=5 $(ARGS)
-
-sine: $(STAMP)
-	$(ICL) train experiment=sine train.seeds=5 $(ARGS)
-
-classic_tokens: $(STAMP)
-	$(ICL) train experiment=classic_tokens train.seeds=5 $(ARGS)
+## Task variants, five seeds each (docs/experiments_tasks.md).
+ood distractors label_noise sine classic_tokens: $(STAMP)
+	$(ICL) train experiment=$@ train.seeds=5 $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -85,25 +85,21 @@ def ood_shifts(task_cfg) -> list[tuple[str, float | str, dict]]:
 
 @register("ood")
 def ood(run_dir: Path) -> dict:
-    """Loss under each shift of `ood_shifts` (applied to the draws of the run's evaluation set, so the
-    unshifted rows repeat the run's final losses) for the trained model (every seed), GD with the run's
-    line-searched eta, GD++ fitted on the training law (`references.fit_gdpp`), OLS and ridge
-    (Bayes-optimal lambda of the training law). Writes `ood.csv`, `ood.json` and `ood.png/pdf`."""
+    """Loss under each shift of `ood_shifts`, applied to the draws of the run's evaluation set (so
+    the unshifted rows repeat the run's final losses), for the trained model (every seed) and the
+    run's references: GD with its line-searched eta, GD++ with its fitted `(eta_k, gamma_k)` (both
+    fitted on the training law), OLS and ridge (Bayes-optimal lambda of the training law).
+    Writes `ood.csv`, `ood.json` and `ood.png/pdf`."""
+    from icl_gd import experiment  # experiment imports this module
+
     cfg, graphdef, params = runs.load_params(run_dir)
     if cfg.task.kind != "linear":
         raise ValueError("analysis ood: needs linear regression tasks (task.kind=linear)")
-    t_cfg, ev = cfg.task, cfg.eval
+    refs = runs.load_summary(run_dir)["references"]
     steps = int(cfg.model.layers)
-    eta = runs.load_summary(run_dir)["references"]["gd"]["eta"]
-    eval_key = jax.random.key(ev.seed)
-    train_law = tasks.sampler(t_cfg)
-    gdpp = references.fit_gdpp(
-        train_law, steps, bool(cfg.model.recurrent), eta, jax.random.fold_in(eval_key, 3), dim=t_cfg.dim,
-        n_context=t_cfg.n_context, train_steps=ev.gdpp_steps, batch=ev.gdpp_batch, lr=ev.gdpp_lr,
-        eval_tasks=train_law(jax.random.fold_in(eval_key, 0), ev.n_tasks))
-    lam = references.bayes_ridge_lambda(t_cfg.noise_std, t_cfg.w_std)
-    etas = jnp.full((steps,), eta)
-    gdpp_etas, gdpp_gammas = (jnp.broadcast_to(v, (steps,)) for v in (gdpp.etas, gdpp.gammas))  # shared: tied
+    etas = jnp.full((steps,), refs["gd"]["eta"])
+    gdpp_etas, gdpp_gammas = (jnp.broadcast_to(jnp.asarray(refs["gdpp"][k]), (steps,)) for k in ("etas", "gammas"))
+    lam = refs["ridge"]["lambda"]
     per_task = {
         "gd": lambda x, y, xq: references.gd_direct(x, y, xq, etas)[-1],
         "gdpp": lambda x, y, xq: references.gdpp_direct(x, y, xq, gdpp_etas, gdpp_gammas)[-1],
@@ -117,18 +113,16 @@ def ood(run_dir: Path) -> dict:
         out["model"] = jax.vmap(lambda p: references.loss(p, t.yq))(_seed_predictions(graphdef, params, t))
         return out
 
-    shift_key = jax.random.fold_in(eval_key, 0)  # the run's evaluation draws, shifted
     rows = []
-    for family, value, changes in ood_shifts(t_cfg):
-        host = jax.device_get(shifted_losses(tasks.sampler(t_cfg, **changes)(shift_key, ev.n_tasks)))
+    for family, value, changes in ood_shifts(cfg.task):
+        host = jax.device_get(shifted_losses(experiment.evaluation_tasks(cfg, **changes)))
         model = metrics.mean_ci95(host.pop("model"))
         rows.append({"shift": family, "value": value, "model": model["mean"], "model_lo": model["ci95"][0],
                      "model_hi": model["ci95"][1], **{k: float(v) for k, v in host.items()}})
     out = output_dir(run_dir, "ood")
     _table(out, "ood", rows)
     plots.ood_curves(pd.DataFrame(rows), out / "ood")
-    return {"gd_eta": eta, "gdpp": {"etas": gdpp.etas, "gammas": gdpp.gammas, "loss": gdpp.loss},
-            "ridge_lambda": lam, "rows": rows}
+    return {"rows": rows}
 
 
 # Non-linear regression through the input MLP (SPEC section 1): "MLP + GD" and the partial cos.
@@ -290,3 +284,60 @@ def copy_dependence(run_dir: Path) -> dict:
     plots.token_dependence(np.asarray(norms[0]), pd.DataFrame(rows), out / "copy")
     return {"shares": {kind: {part: metrics.mean_ci95(v) for part, v in parts.items()} for kind, parts in shares.items()},
             "copy_r2": metrics.mean_ci95(r2), "copy_singular_values": singular}
+
+
+@register("depth_extrapolation")
+def depth_extrapolation(run_dir: Path) -> dict:
+    """Iterate a trained recurrent layer up to `eval.extrapolate_to` times (each update scaled by
+    `eval.damping`) and compare with as many GD and GD++ steps, with the run's own `eta` and
+    fitted GD++ scalars (SPEC section 4), on the run's evaluation set."""
+    from icl_gd import experiment  # experiment imports this module
+
+    cfg, graphdef, params = runs.load_params(run_dir)
+    refs = runs.load_summary(run_dir)["references"]
+    if not cfg.model.recurrent:
+        raise ValueError("depth_extrapolation: model.recurrent must be true (a weight-tied model)")
+    n, damping, trained = int(cfg.eval.extrapolate_to), float(cfg.eval.damping), int(cfg.model.layers)
+    t = experiment.evaluation_tasks(cfg)
+    dim, n_context = t.x.shape[-1], cfg.task.n_context
+
+    def evaluate(arch, weights):
+        return metrics.evaluate(lambda x, y, xq: models.forward(arch, weights, x, y, xq), t)
+
+    arch = dataclasses.replace(models.Architecture.from_config(cfg.model), layers=n)
+
+    @jax.jit
+    def model_eval(seed_params):
+        weights = nnx.merge(graphdef, seed_params).weights()
+        return evaluate(arch, {**weights, "w_pv": damping * weights["w_pv"]})
+
+    gd_eval = jax.jit(evaluate, static_argnums=0)(models.Architecture(layers=n),
+                                                  references.gd_weights(jnp.full((1,), refs["gd"]["eta"]), dim, n_context))
+    gdpp_weights = references.gdpp_weights(jnp.asarray(refs["gdpp"]["etas"][:1]), jnp.asarray(refs["gdpp"]["gammas"][:1]), dim, n_context)
+    gdpp_eval = jax.jit(evaluate, static_argnums=0)(models.Architecture(layers=n), gdpp_weights)
+    rows = []
+    for seed in range(cfg.train.seeds):
+        ev = model_eval(jax.tree_util.tree_map(lambda a: a[seed], params))
+        to_gd, to_gdpp = metrics.alignment(ev, gd_eval), metrics.alignment(ev, gdpp_eval)
+        loss = metrics.losses(ev, t.yq)
+        rows += [{"seed": seed, "iterations": k + 1, "loss": float(loss[k]), "model_cos": float(to_gd["model_cos"][k]),
+                  "model_cos_gdpp": float(to_gdpp["model_cos"][k]), "preds_diff_gdpp": float(to_gdpp["preds_diff"][k])}
+                 for k in range(n)]
+    df = pd.DataFrame(rows)
+    gd_loss, gdpp_loss = np.asarray(metrics.losses(gd_eval, t.yq)), np.asarray(metrics.losses(gdpp_eval, t.yq))
+    df["gd_loss"] = gd_loss[df["iterations"] - 1]
+    df["gdpp_loss"] = gdpp_loss[df["iterations"] - 1]
+    out = output_dir(run_dir, "depth_extrapolation")
+    df.to_csv(out / "depth_extrapolation.csv", index=False)
+    plots.depth_extrapolation(df, trained, damping, out / "depth_extrapolation")
+    mean = df.groupby("iterations").mean(numeric_only=True)
+    at = sorted({trained, min(2 * trained, n), n})
+    return {
+        "trained_layers": trained,
+        "iterations": n,
+        "damping": damping,
+        "at": {str(k): {name: float(mean.loc[k, name]) for name in ("loss", "gd_loss", "gdpp_loss", "model_cos", "model_cos_gdpp")}
+               for k in at},
+        "best_iterations": int(mean["loss"].idxmin()),
+        "best_loss": float(mean["loss"].min()),
+    }

@@ -139,6 +139,9 @@ def baselines(
     table.add_row(f"GD, {refs.layers} step(s), line-searched eta", _fmt(data["gd"]["eta"]), _fmt(data["gd"]["loss"]))
     if data["gd_closed_form"]:
         table.add_row("GD, 1 step, closed form (expected)", _fmt(data["gd_closed_form"]["eta"]), _fmt(data["gd_closed_form"]["loss"]))
+    gdpp = data["gdpp"]
+    table.add_row(f"GD++, {refs.layers} step(s), fitted (eta_k, gamma_k)" + (", shared" if gdpp["shared"] else ""),
+                  ", ".join(f"{e:.3g}/{g:.3g}" for e, g in zip(gdpp["etas"], gdpp["gammas"])), _fmt(gdpp["loss"]))
     table.add_row("OLS", "-", _fmt(data["ols"]["loss"]))
     table.add_row("ridge (Bayes-optimal lambda)", _fmt(data["ridge"]["lambda"]), _fmt(data["ridge"]["loss"]))
     console.print(table)

@@ -9,7 +9,8 @@ from flax import nnx
 from icl_gd import models, runs
 from icl_gd.config import load_config
 
-SUMMARY_METRICS = {"loss", "gd_loss", "preds_diff", "model_cos", "model_diff", "interpolated_loss"}
+SUMMARY_METRICS = {"loss", "gd_loss", "preds_diff", "model_cos", "model_diff", "interpolated_loss",
+                   "gdpp_loss", "preds_diff_gdpp", "model_cos_gdpp", "model_diff_gdpp"}
 
 
 def test_run_directory_contents(tiny_run):
@@ -23,7 +24,8 @@ def test_run_directory_contents(tiny_run):
     for stats in summary["final"].values():
         assert set(stats) == {"mean", "ci95", "per_seed"} and len(stats["per_seed"]) == 2
         assert stats["ci95"][0] <= stats["mean"] <= stats["ci95"][1]
-    assert set(summary["references"]) >= {"gd", "gd_closed_form", "ols", "ridge"}
+    assert set(summary["references"]) >= {"gd", "gd_closed_form", "gdpp", "ols", "ridge"}
+    assert len(summary["per_layer"]) == 1
     assert {"eta", "loss"} <= set(summary["references"]["gd"]) and "lambda" in summary["references"]["ridge"]
     assert summary["wall_time_s"] > 0 and summary["device"] and summary["versions"]["jax"]
     assert runs.load_config(path).task.dim == 4

@@ -1,15 +1,12 @@
-"""Task variants as named experiments: distractors, label noise, sine and classic tokens; their
-references and the errors on bad values."""
+"""Task variants: distractors and their closed-form GD reference, and the errors on bad values of
+the task options (the named experiments run in tests/test_experiments.py)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_gd import config, experiment, references, runs, tasks
-
-TINY = ["train.steps=4", "train.eval_every=2", "train.batch_size=64", "train.progress=false",
-        "eval.n_tasks=200", "eval.line_search_tasks=400"]
+from icl_gd import config, references, tasks
 
 
 def test_distractors_are_k_uniform_positions_of_noise_at_the_labels_scale():
@@ -58,31 +55,3 @@ def test_bad_values_fail_with_one_line_naming_the_field(overrides, field):
         config.load_config(overrides)
     message = str(err.value)
     assert message.startswith(field) and "\n" not in message
-
-
-@pytest.mark.parametrize("name, extra", [
-    ("distractors", ["task.dim=3", "task.n_context=5"]),
-    ("label_noise", ["task.dim=3", "task.n_context=5"]),
-    ("classic_tokens", ["task.dim=2", "task.n_context=3"]),
-])
-def test_experiment_composes_and_runs(tmp_path, name, extra):
-    cfg = config.load_config([f"experiment={name}", *TINY, *extra])
-    result = experiment.train(cfg, tmp_path / "run", quiet=True)
-    summary = runs.load_summary(result.run_dir)
-    assert summary["status"] == "completed" and summary["experiment"] == name
-    assert np.isfinite(summary["final"]["loss"]["mean"])
-    refs = summary["references"]
-    if name == "distractors":
-        closed = references.closed_form_gd(3, 5, "uniform", 0.5, 1.0, 0.0, 2)
-        assert refs["gd_closed_form"]["loss"] == pytest.approx(closed.loss)
-    if name == "label_noise":
-        assert refs["ridge"]["lambda"] == pytest.approx(0.25)
-        assert refs["ridge"]["loss"] < refs["ols"]["loss"]
-    if name == "classic_tokens":
-        copy = summary["analyses"]["copy"]
-        for kind in ("x", "y", "query"):
-            total = sum(copy["shares"][kind][part]["mean"] for part in ("self", "neighbour", "rest"))
-            assert total == pytest.approx(1.0, abs=1e-5)
-        assert 0.0 <= copy["copy_r2"]["mean"] <= 1.0 + 1e-6
-        assert np.asarray(copy["copy_singular_values"]).shape == (1, 2)
-        assert (result.run_dir / "analyses" / "copy" / "copy.png").exists()
