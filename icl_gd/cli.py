@@ -172,7 +172,8 @@ def compare(
     frames, rows = {}, []
     for i, run_dir in enumerate(run_dirs):
         summary = runs.load_summary(run_dir)
-        label = f"{summary['experiment']}/{run_dir.name}"
+        layers = runs.load_config(run_dir).model.layers
+        label = f"{summary['experiment']} K={layers} ({run_dir.name})"
         label = label if label not in frames else f"{label} ({i})"
         frames[label] = runs.load_metrics(run_dir)
         row = {"run": label, "status": summary["status"], "seeds": summary["seeds"]}
