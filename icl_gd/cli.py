@@ -282,32 +282,34 @@ def explain(
 
 
 def print_explain(report: dict) -> None:
-    """The ranking table (mean over seeds; final readout), then per-layer R^2 for deep models."""
+    """The ranking table (mean over seeds; final readout; `1-R^2` is the model's prediction variance
+    a family leaves unexplained), then per-layer `1-R^2` for deep models, weights and the verdict."""
+    out = console if console.is_terminal else Console(width=200)
     rank, fams, sets = report["ranking"], report["families"], report["sets"]
     ood = [s for s in sets if s != "heldout"]
     table = Table(title=f"{report.get('experiment', '')}: {report['seeds']} seed(s), {report['n_tasks']} tasks per set; "
                         f"{rank['criterion']}")
-    for column in ("family", "params", "BIC - winner", "R^2", "model cos", "preds diff", "model diff",
-                   *[f"R^2 {s}" for s in ood], "loss"):
+    for column in ("family", "params", "BIC - winner [95%]", "1-R^2", "model cos", "preds diff", "model diff",
+                   *[f"1-R^2 {s}" for s in ood], "loss"):
         table.add_column(column)
     for name in rank["order"]:
         fam, held = fams[name], fams[name]["heldout"]
-        table.add_row(name, str(fam["n_params"]), _interval(rank["delta"][name]),
-                      *[_fmt(held[m]["mean"]) for m in ("r2", "model_cos", "preds_diff", "model_diff")],
-                      *[_fmt(fam[s]["r2"]["mean"]) for s in ood], _fmt(held["loss"]["mean"]))
-    console.print(table)
-    console.print(f"model loss on held-out tasks: {_fmt(report['model']['heldout']['loss']['mean'])}")
+        table.add_row(name, str(fam["n_params"]), _interval(rank["delta"][name]), _fmt(held["nmse"]["mean"]),
+                      *[_fmt(held[m]["mean"]) for m in ("model_cos", "preds_diff", "model_diff")],
+                      *[_fmt(fam[s]["nmse"]["mean"]) for s in ood], _fmt(held["loss"]["mean"]))
+    out.print(table)
+    out.print(f"model loss on held-out tasks: {_fmt(report['model']['heldout']['loss']['mean'])}")
     if report["steps"] > 1:
-        layers = Table(title="per layer: R^2 of layer k's readout against step k (held-out)")
+        layers = Table(title="per layer: 1-R^2 of layer k's readout against step k (held-out)")
         layers.add_column("family")
         for k in range(report["steps"]):
             layers.add_column(str(k + 1))
         for name in rank["order"]:
-            layers.add_row(name, *[_fmt(v) for v in fams[name]["per_layer"]["r2"]])
-        console.print(layers)
-    w = report["weights"]["per_seed"][0]
-    for row in w:
-        console.print(f"weights layer {row['layer']} head {row['head']}: norm outside GD blocks W_KQ "
-                      f"{row['kq_outside_gd']:.3g}, W_PV {row['pv_outside_gd']:.3g} (GD++ blocks {row['pv_outside_gdpp']:.3g}); "
-                      f"implied eta {row['implied_eta']:.4g}, gamma {row['implied_gamma']:.4g}")
-    console.print(f"[bold]{report['verdict']}[/bold]")
+            layers.add_row(name, *[_fmt(1 - v) for v in fams[name]["per_layer"]["r2"]])
+        out.print(layers)
+    for row in report["weights"]["per_seed"][0]:
+        out.print(f"weights layer {row['layer']} head {row['head']}: norm outside the GD blocks W_KQ "
+                  f"{row['kq_outside_gd']:.3g}, W_PV {row['pv_outside_gd']:.3g} (GD++ blocks {row['pv_outside_gdpp']:.3g}); "
+                  f"x-block of W_KQ off identity {row['kq_x_block_off_identity']:.3g}; "
+                  f"implied eta {row['implied_eta']:.4g}, gamma {row['implied_gamma']:.4g}")
+    out.print(f"[bold]{report['verdict']}[/bold]")

@@ -349,6 +349,14 @@ def ranking(nmse_SxF: np.ndarray, n_params_F: np.ndarray, n_tasks: int, names: l
     }
 
 
+def off_identity(m_Bxdxd: np.ndarray) -> np.ndarray:
+    """`||M - mean(diag M) I|| / ||M||` per matrix: how far a preconditioner is from a scaled identity."""
+    m = np.asarray(m_Bxdxd, np.float64)
+    scale = np.trace(m, axis1=-2, axis2=-1) / m.shape[-1]
+    return np.linalg.norm(m - scale[:, None, None] * np.eye(m.shape[-1]), axis=(-2, -1)) / np.maximum(
+        np.linalg.norm(m, axis=(-2, -1)), 1e-30)
+
+
 def weight_structure(w_kq: np.ndarray, w_pv: np.ndarray, n_context: int) -> list[dict]:
     """Per layer and head of `[L, H, D, D]` products: the fraction of the Frobenius norm outside
     the blocks the GD / GD++ constructions use (SPEC section 4: `W_KQ` only in its x-block,
@@ -374,8 +382,7 @@ def weight_structure(w_kq: np.ndarray, w_pv: np.ndarray, n_context: int) -> list
                 "kq_outside_gd": outside(kq, xx),
                 "pv_outside_gd": outside(pv, yy),
                 "pv_outside_gdpp": outside(pv, xx | yy),
-                "kq_x_block_off_identity": float(np.linalg.norm(kq[:dim, :dim] - kq_diag * np.eye(dim))
-                                                 / max(np.linalg.norm(kq[:dim, :dim]), 1e-30)),
+                "kq_x_block_off_identity": float(off_identity(kq[None, :dim, :dim])[0]),
                 "implied_eta": -n_context * pv[dim, dim] * kq_diag,
                 "implied_gamma": -n_context * float(np.mean(np.diag(pv)[:dim])) * kq_diag,
             })
@@ -402,6 +409,9 @@ def explain(model_fn: ModelFn, params_S, task_cfg, key: jax.Array, *, steps: int
         scores = r["scores"]
         entry.update({s: {m: metrics.mean_ci95(v[:, i, -1]) for m, v in scores.items()} for i, s in enumerate(scoring)})
         entry["per_layer"] = {m: scores[m][:, held].mean(0).tolist() for m in ("r2", "model_cos", "preds_diff")}
+        if f.name.startswith("precond_full"):
+            entry["off_identity"] = metrics.mean_ci95(off_identity(np.asarray(r["theta"]).reshape(-1, f.dim, f.dim))
+                                                      .reshape(len(r["theta"]), -1).mean(1))
         report[f.name] = entry
     best = report[rank["winner"]][HELDOUT]
     r2, cos = best["r2"]["mean"], best["model_cos"]["mean"]
