@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed-stamp
 ICL := $(BIN)/icl-gd
 ARGS ?=
 
-.PHONY: venv run test bench baselines single_layer clean-venv
+EXPERIMENTS := single_layer recurrent multi_layer depth_extrapolation softmax layernorm_mlp
+STAMP_TIME := $(shell date +%Y-%m-%d_%H-%M-%S)
+
+.PHONY: venv run test bench baselines clean-venv $(EXPERIMENTS)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +33,16 @@ baselines: $(STAMP)
 	$(ICL) baselines $(ARGS)
 
 ## Paper figures: one target per named experiment (conf/experiment/<name>.yaml).
+## `make <experiment> ARGS="train.seeds=3"` passes overrides through.
 single_layer: $(STAMP)
 	$(ICL) train experiment=single_layer train.seeds=5 $(ARGS)
+
+recurrent: $(STAMP)
+	$(ICL) train -m experiment=recurrent model.layers=2,3,4,5 --out runs/recurrent/$(STAMP_TIME) $(ARGS)
+	$(ICL) compare runs/recurrent/$(STAMP_TIME)/[0-9]* --out runs/recurrent/$(STAMP_TIME)/compare
+
+multi_layer depth_extrapolation softmax layernorm_mlp: $(STAMP)
+	$(ICL) train experiment=$@ $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

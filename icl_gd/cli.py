@@ -139,6 +139,9 @@ def baselines(
     table.add_row(f"GD, {refs.layers} step(s), line-searched eta", _fmt(data["gd"]["eta"]), _fmt(data["gd"]["loss"]))
     if data["gd_closed_form"]:
         table.add_row("GD, 1 step, closed form (expected)", _fmt(data["gd_closed_form"]["eta"]), _fmt(data["gd_closed_form"]["loss"]))
+    gdpp = data["gdpp"]
+    table.add_row(f"GD++, {refs.layers} step(s), fitted (eta_k, gamma_k)" + (", shared" if gdpp["shared"] else ""),
+                  ", ".join(f"{e:.3g}/{g:.3g}" for e, g in zip(gdpp["etas"], gdpp["gammas"])), _fmt(gdpp["loss"]))
     table.add_row("OLS", "-", _fmt(data["ols"]["loss"]))
     table.add_row("ridge (Bayes-optimal lambda)", _fmt(data["ridge"]["lambda"]), _fmt(data["ridge"]["loss"]))
     console.print(table)
@@ -183,10 +186,11 @@ def compare(
     table_df.to_csv(out / "compare.csv", index=False)
     paths = plots.compare(frames, out / "compare")
     table = Table(title="final metrics (mean over seeds)")
-    for column in table_df.columns:
-        table.add_column(str(column))
-    for _, row in table_df.iterrows():
-        table.add_row(*[_fmt(v) for v in row.tolist()])
+    table.add_column("metric")
+    for label in table_df["run"]:
+        table.add_column(label, overflow="fold")
+    for column in table_df.columns.drop("run"):
+        table.add_row(str(column), *[_fmt(v) for v in table_df[column].tolist()])
     console.print(table)
     written = [out / "compare.csv", *paths]
     explained = {label: run_dir / analyses.EXPLAIN_DIR / analyses.EXPLAIN_FILE
@@ -253,7 +257,10 @@ def analyze(
         _fail(f"RUN_DIR: {run_dir} is not a run directory (no {runs.SUMMARY_FILE})")
     if name not in analyses.REGISTRY:
         _fail(f"NAME: unknown analysis '{name}'; allowed: {', '.join(sorted(analyses.REGISTRY)) or '(none)'}")
-    result = analyses.run(name, run_dir)
+    try:
+        result = analyses.run(name, run_dir)
+    except analyses.ExplainError as err:
+        _fail(str(err))
     console.print_json(json.dumps(runs._json_ready(result)))
 
 

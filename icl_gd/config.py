@@ -91,6 +91,8 @@ class EvalConfig:
     gdpp_steps: int = 1000
     gdpp_batch: int = 2048
     gdpp_lr: float = 1e-2
+    extrapolate_to: int = 50  # depth_extrapolation: iterations of a trained recurrent layer
+    damping: float = 1.0  # depth_extrapolation: each iteration's update is scaled by this
 
 
 @dataclass
@@ -218,6 +220,10 @@ def validate(cfg: DictConfig) -> None:
     _require(ev.gdpp_steps >= 0, "eval.gdpp_steps", "an integer >= 0", ev.gdpp_steps)
     _require(ev.gdpp_batch >= 1, "eval.gdpp_batch", "an integer >= 1", ev.gdpp_batch)
     _require(ev.gdpp_lr > 0, "eval.gdpp_lr", "a number > 0", ev.gdpp_lr)
+    _require(ev.extrapolate_to >= 1, "eval.extrapolate_to", "an integer >= 1", ev.extrapolate_to)
+    _require(0 < ev.damping <= 1, "eval.damping", "a number in (0, 1]", ev.damping)
+    if "depth_extrapolation" in cfg.analyses:
+        _require(bool(m.recurrent), "model.recurrent", "true for the depth_extrapolation analysis", m.recurrent)
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

@@ -22,7 +22,9 @@ from icl_gd import config as config_lib
 from icl_gd import analyses, metrics, models, plots, references, runs, tasks, training
 from icl_gd.progress import TrainProgress
 
-FINAL_METRICS = ("loss", "gd_loss", "preds_diff", "model_cos", "model_diff", "interpolated_loss")
+FINAL_METRICS = ("loss", "gd_loss", "preds_diff", "model_cos", "model_diff", "interpolated_loss",
+                 "gdpp_loss", "preds_diff_gdpp", "model_cos_gdpp", "model_diff_gdpp")
+PER_LAYER_METRICS = ("loss", "gd_loss", "gdpp_loss", "preds_diff", "model_cos", "preds_diff_gdpp", "model_cos_gdpp")
 
 
 class TrainingDiverged(RuntimeError):
@@ -31,14 +33,21 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class References:
-    """Reference algorithms on the evaluation set of a configured task."""
+    """Reference algorithms on the evaluation set of a configured task.
+
+    GD and GD++ are evaluated with one readout per step (`[T, layers]`), so that layer `k` of a
+    model is compared with `k` steps of each.
+    """
 
     eval_tasks: tasks.Tasks
     layers: int
     gd: references.GDReference  # one eta shared by `layers` steps, line-searched
     gd_closed_form: Optional[references.GDReference]  # one step, SPEC section 6
     gd_weights: models.Weights
-    gd_eval: metrics.Evaluation  # readouts after 1..layers GD steps
+    gd_eval: metrics.Evaluation
+    gdpp: references.GDPP  # (eta_k, gamma_k) fitted on the task loss
+    gdpp_shared: bool
+    gdpp_eval: metrics.Evaluation
     ols_loss: float
     ridge_lambda: float
     ridge_loss: float
@@ -48,18 +57,37 @@ class References:
         return {
             "gd": {"eta": self.gd.eta, "loss": self.gd.loss, "steps": self.layers},
             "gd_closed_form": {"eta": closed.eta, "loss": closed.loss} if closed else None,
+            "gdpp": {"etas": np.asarray(self.gdpp.etas).tolist(), "gammas": np.asarray(self.gdpp.gammas).tolist(), "loss": self.gdpp.loss,
+                     "steps": self.layers, "shared": self.gdpp_shared},
             "ols": {"loss": self.ols_loss},
             "ridge": {"lambda": self.ridge_lambda, "loss": self.ridge_loss},
         }
 
 
+def _evaluate_steps(weights: models.Weights, layers: int, eval_tasks: tasks.Tasks) -> metrics.Evaluation:
+    """Readouts (and sensitivities) of an LSA construction after each of `layers` steps."""
+    arch = models.Architecture(layers=layers)
+    return jax.jit(lambda w, t: metrics.evaluate(functools.partial(models.forward, arch, w), t))(weights, eval_tasks)
+
+
+def _ridge_loss(t: tasks.Tasks, lam: float) -> float:
+    preds = jax.jit(jax.vmap(functools.partial(references.ridge_predict, lam=lam)))(t.x, t.y, t.xq)
+    return float(references.loss(preds[:, 0], t.yq))
+
+
+def evaluation_tasks(cfg: DictConfig, **changes) -> tasks.Tasks:
+    """The fixed evaluation set of a config (`changes` shift the task law, same key)."""
+    return tasks.sampler(cfg.task, **changes)(jax.random.fold_in(jax.random.key(cfg.eval.seed), 0), cfg.eval.n_tasks)
+
+
 def compute_references(cfg: DictConfig) -> References:
-    """Line-search GD's `eta` on a set of its own, then evaluate GD, OLS and ridge on the eval set."""
-    t, layers = cfg.task, int(cfg.model.layers)
+    """Line-search GD's `eta` and fit GD++ on data of their own, then evaluate GD, GD++, OLS and
+    ridge on the evaluation set (SPEC sections 4-6)."""
+    t, ev, layers = cfg.task, cfg.eval, int(cfg.model.layers)
     sample = tasks.sampler(t)
-    eval_key = jax.random.key(cfg.eval.seed)
-    eval_tasks = sample(jax.random.fold_in(eval_key, 0), cfg.eval.n_tasks)
-    search_tasks = sample(jax.random.fold_in(eval_key, 1), cfg.eval.line_search_tasks)
+    eval_key = jax.random.key(ev.seed)
+    eval_tasks = evaluation_tasks(cfg)
+    search_tasks = sample(jax.random.fold_in(eval_key, 1), ev.line_search_tasks)
     closed = None
     if t.kind == "linear":
         closed = references.closed_form_gd(t.dim, t.n_context, t.x_dist, t.x_scale, t.w_std, t.noise_std)
@@ -67,28 +95,33 @@ def compute_references(cfg: DictConfig) -> References:
     else:
         eta_max = 10.0
     eta = references.line_search_eta(search_tasks, layers, eta_max).eta
-    etas = jnp.full((layers,), eta)
     input_dim = eval_tasks.x.shape[-1]
-    gd_eval = jax.jit(metrics.evaluate, static_argnums=0)(
-        functools.partial(references.gd_direct, etas_K=etas), eval_tasks
-    )
-    gd_loss = float(metrics.losses(gd_eval, eval_tasks.yq)[-1])
+    gd_w = references.gd_weights(jnp.full((layers,), eta), input_dim, t.n_context)
+    gd_eval = _evaluate_steps(gd_w, layers, eval_tasks)
+    shared = bool(cfg.model.recurrent)
+    if layers == 1 or ev.gdpp_steps == 0:
+        # One GD++ step is one GD step: gamma acts on the inputs only after the label update.
+        n = 1 if shared else layers
+        gdpp = references.GDPP(jnp.full((n,), eta), jnp.zeros((n,)), float(metrics.losses(gd_eval, eval_tasks.yq)[-1]))
+    else:
+        gdpp = references.fit_gdpp(sample, layers, shared, eta, jax.random.fold_in(eval_key, 2), dim=input_dim,
+                                   n_context=t.n_context, train_steps=ev.gdpp_steps, batch=ev.gdpp_batch,
+                                   lr=ev.gdpp_lr, eval_tasks=eval_tasks)
+    gdpp_eval = _evaluate_steps(references.gdpp_weights(gdpp.etas, gdpp.gammas, input_dim, t.n_context), layers, eval_tasks)
     lam = references.bayes_ridge_lambda(t.noise_std, t.w_std)
-    ridge_losses = [
-        float(references.loss(jax.jit(jax.vmap(functools.partial(references.ridge_predict, lam=lam)))(
-            eval_tasks.x, eval_tasks.y, eval_tasks.xq)[:, 0], eval_tasks.yq))
-        for lam in (0.0, lam)
-    ]
     return References(
         eval_tasks=eval_tasks,
         layers=layers,
-        gd=references.GDReference(eta=eta, loss=gd_loss),
+        gd=references.GDReference(eta=eta, loss=float(metrics.losses(gd_eval, eval_tasks.yq)[-1])),
         gd_closed_form=closed,
-        gd_weights=references.gd_weights(etas, input_dim, t.n_context),
+        gd_weights=gd_w,
         gd_eval=gd_eval,
-        ols_loss=ridge_losses[0],
+        gdpp=gdpp._replace(loss=float(metrics.losses(gdpp_eval, eval_tasks.yq)[-1])),
+        gdpp_shared=shared,
+        gdpp_eval=gdpp_eval,
+        ols_loss=_ridge_loss(eval_tasks, 0.0),
         ridge_lambda=lam,
-        ridge_loss=ridge_losses[1],
+        ridge_loss=_ridge_loss(eval_tasks, lam),
     )
 
 
@@ -109,25 +142,44 @@ def interpolate(weights: models.Weights, gd: models.Weights, input_dim: int) -> 
 
 
 def make_evaluator(graphdef: nnx.GraphDef, model_cfg, input_dim: int):
-    """`(params[S], eval_tasks, gd_eval, gd_weights) -> metrics[S]`, compiled, vmapped over seeds."""
+    """`(params[S], refs) -> metrics[S]`, compiled and vmapped over seeds. Every metric is a
+    `[layers]` vector (readout after each layer against as many GD / GD++ steps)."""
     with_interpolation = interpolates(model_cfg)
 
-    def evaluate(params, eval_tasks, gd_eval, gd_weights):
+    def evaluate(params, eval_tasks, gd_eval, gdpp_eval, gd_weights):
         model = nnx.merge(graphdef, params)
         weights = model.weights()
         ev = metrics.evaluate(functools.partial(models.forward, model.arch, weights), eval_tasks)
-        to_gd = metrics.alignment(ev, gd_eval)
-        out = {"loss": metrics.losses(ev, eval_tasks.yq)[-1]}
-        out.update({name: value[-1] for name, value in to_gd.items()})
+        out = {"loss": metrics.losses(ev, eval_tasks.yq)}
+        out.update(metrics.alignment(ev, gd_eval))
+        out.update({f"{name}_gdpp": value for name, value in metrics.alignment(ev, gdpp_eval).items()})
         if with_interpolation:
             mixed = interpolate(weights, gd_weights, input_dim)
             preds = models.predict_batch(model.arch, mixed, eval_tasks.x, eval_tasks.y, eval_tasks.xq)
-            out["interpolated_loss"] = references.loss(preds[:, -1], eval_tasks.yq)
+            out["interpolated_loss"] = 0.5 * jnp.mean((preds - eval_tasks.yq[:, None]) ** 2, axis=0)
         else:
-            out["interpolated_loss"] = jnp.nan
+            out["interpolated_loss"] = jnp.full(out["loss"].shape, jnp.nan)
         return out
 
-    return jax.jit(jax.vmap(evaluate, in_axes=(0, None, None, None)))
+    compiled = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None, None, None)))
+    return lambda params, refs: compiled(params, refs.eval_tasks, refs.gd_eval, refs.gdpp_eval, refs.gd_weights)
+
+
+def metric_rows(step: int, evaluated: dict, refs: References) -> list[dict]:
+    """`metrics.csv` rows, one per seed: final-readout metrics, then `layer<k>_<metric>` columns."""
+    gd_losses = np.asarray(metrics.losses(refs.gd_eval, refs.eval_tasks.yq))
+    gdpp_losses = np.asarray(metrics.losses(refs.gdpp_eval, refs.eval_tasks.yq))
+    n_seeds, layers = np.asarray(evaluated["loss"]).shape
+    rows = []
+    for s in range(n_seeds):
+        per_layer = {name: np.asarray(value)[s] for name, value in evaluated.items()}
+        per_layer.update(gd_loss=gd_losses, gdpp_loss=gdpp_losses)
+        row = {"step": step, "seed": s}
+        row.update({name: float(per_layer[name][-1]) for name in FINAL_METRICS})
+        if layers > 1:
+            row.update({f"layer{k + 1}_{name}": float(per_layer[name][k]) for k in range(layers) for name in PER_LAYER_METRICS})
+        rows.append(row)
+    return rows
 
 
 @dataclass
@@ -136,17 +188,24 @@ class RunResult:
     summary: dict
 
 
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:  # run from a source tree without installing
+        return "not installed"
+
+
 def environment() -> dict:
     device = jax.devices()[0]
-    versions = {pkg: metadata.version(pkg) for pkg in ("icl-gd", "jax", "jaxlib", "flax", "optax")}
+    versions = {pkg: _version(pkg) for pkg in ("icl-gd", "jax", "jaxlib", "flax", "optax")}
     versions["python"] = platform.python_version()
     return {"device": f"{device.platform}:{device.device_kind}", "n_devices": jax.device_count(), "versions": versions}
 
 
 def train(cfg: DictConfig, run_dir: Path, allow_empty_dir: bool = False, quiet: bool = False) -> RunResult:
-    """Train `train.seeds` seeds of the configured model, tracking every metric against GD.
-
-    Raises `TrainingDiverged` (after marking the run failed) if the loss stops being finite.
+    """Train `train.seeds` seeds of the configured model, tracking every metric against GD and
+    GD++, per layer. Raises `TrainingDiverged` (after marking the run failed) if the loss stops
+    being finite.
     """
     config_lib.validate(cfg)
     run = runs.RunDir.create(run_dir, cfg, allow_empty=allow_empty_dir)
@@ -165,23 +224,20 @@ def train(cfg: DictConfig, run_dir: Path, allow_empty_dir: bool = False, quiet: 
     params, opt_state = training.init_states(cfg.model, input_dim, scale, optimizer, init_keys)
     train_chunk = training.make_train_chunk(graphdef, optimizer, tasks.sampler(cfg.task), tc.batch_size)
     evaluator = make_evaluator(graphdef, cfg.model, input_dim)
-    evaluate = lambda p: evaluator(p, refs.eval_tasks, refs.gd_eval, refs.gd_weights)  # noqa: E731
-    gd_loss = refs.gd.loss
 
-    def record(step: int, evaluated, train_losses) -> dict:
-        host = jax.device_get(evaluated)
+    def record(step: int, evaluated, train_losses) -> list[dict]:
         if train_losses is not None:
             train_losses = np.asarray(train_losses)
             bad = ~np.isfinite(train_losses)
             if bad.any():
                 seed, offset = np.argwhere(bad)[0]
                 fail(step - train_losses.shape[1] + int(offset) + 1, int(seed), "training loss is not finite")
-        if not np.all(np.isfinite(host["loss"])):
-            fail(step, int(np.argmin(np.isfinite(host["loss"]))), "evaluation loss is not finite")
-        rows = [{"step": step, "seed": s, "gd_loss": gd_loss, **{k: float(v[s]) for k, v in host.items()}}
-                for s in range(n_seeds)]
+        rows = metric_rows(step, jax.device_get(evaluated), refs)
+        bad_seeds = [row["seed"] for row in rows if not np.isfinite(row["loss"])]
+        if bad_seeds:
+            fail(step, bad_seeds[0], "evaluation loss is not finite")
         run.append_metrics(rows)
-        return host
+        return rows
 
     def fail(step: int, seed: int, reason: str):
         summary.update(status="failed", failure={"step": step, "seed": seed, "reason": reason},
@@ -189,26 +245,36 @@ def train(cfg: DictConfig, run_dir: Path, allow_empty_dir: bool = False, quiet: 
         run.write_summary(summary)
         raise TrainingDiverged(f"run diverged at step {step} (seed {seed}): {reason}; marked failed in {run.path}")
 
-    host = record(0, evaluate(params), None)
+    rows = record(0, evaluator(params, refs), None)
     pending = None  # the previous chunk's results, read only once the next chunk is dispatched
     with TrainProgress(tc.steps, enabled=bool(tc.progress) and not quiet) as progress:
         for start in range(0, tc.steps, tc.eval_every):
             n = min(tc.eval_every, tc.steps - start)
             params, opt_state, chunk_losses = train_chunk(params, opt_state, data_keys, start, n)
-            evaluated = evaluate(params)
+            evaluated = evaluator(params, refs)
             if pending is not None:
-                host = record(*pending)
+                rows = record(*pending)
                 progress.update(pending[0], float(np.mean(pending[2][:, -1])))
             pending = (start + n, evaluated, chunk_losses)
-        host = record(*pending)
+        rows = record(*pending)
         progress.update(pending[0], float(np.mean(pending[2][:, -1])))
 
     run.save_checkpoint(params, tc.steps)
-    final = {name: metrics.mean_ci95(host[name]) for name in FINAL_METRICS if name != "gd_loss"}
-    final["gd_loss"] = metrics.mean_ci95([gd_loss] * n_seeds)
-    summary.update(status="completed", final={k: final[k] for k in FINAL_METRICS}, wall_time_s=time.time() - started)
+    summary.update(status="completed", final={name: metrics.mean_ci95([r[name] for r in rows]) for name in FINAL_METRICS},
+                   per_layer=per_layer_summary(rows, refs.layers), wall_time_s=time.time() - started)
     run.write_summary(summary)
-    plots.training_curves(runs.load_metrics(run.path), summary, run.path / "plots" / "curves")
+    df = runs.load_metrics(run.path)
+    plots.training_curves(df, summary, run.path / "plots" / "curves")
+    if refs.layers > 1:
+        plots.per_layer(df, summary, run.path / "plots" / "per_layer")
     for name in cfg.analyses:
         summary.setdefault("analyses", {})[name] = analyses.run(name, run.path)
     return RunResult(run.path, summary)
+
+
+def per_layer_summary(rows: list[dict], layers: int) -> list[dict]:
+    """For each layer `k`: the readout after layer `k` against `k` GD and GD++ steps, across seeds."""
+    names = ("loss", "gd_loss", "gdpp_loss", "model_cos", "model_cos_gdpp")
+    if layers == 1:
+        return [{name: metrics.mean_ci95([r[name] for r in rows]) for name in names}]
+    return [{name: metrics.mean_ci95([r[f"layer{k}_{name}"] for r in rows]) for name in names} for k in range(1, layers + 1)]

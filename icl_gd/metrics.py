@@ -24,10 +24,14 @@ class Evaluation(NamedTuple):
 
 
 def evaluate(predict: Predictor, t: Tasks) -> Evaluation:
-    """Predictions and their gradients with respect to the query input, task by task."""
+    """Predictions and their gradients with respect to the query input, task by task.
+
+    Forward mode: the sensitivity of readout k then depends on the first k layers only, even
+    when a later layer overflows (reverse mode would turn `0 * inf` into NaN everywhere).
+    """
 
     def one(x, y, xq):
-        return predict(x, y, xq), jax.jacrev(predict, argnums=2)(x, y, xq)
+        return predict(x, y, xq), jax.jacfwd(predict, argnums=2)(x, y, xq)
 
     preds, sens = jax.vmap(one)(t.x, t.y, t.xq)
     return Evaluation(preds, sens)

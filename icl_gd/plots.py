@@ -30,10 +30,14 @@ def band(df: pd.DataFrame, column: str) -> pd.DataFrame:
     return pd.DataFrame({"mean": mean, "lo": mean - half, "hi": mean + half})
 
 
-def _plot_band(ax, df: pd.DataFrame, column: str, label: str, color=None, linestyle="-"):
+def _plot_band(ax, df: pd.DataFrame, column: str, label: str, color=None, linestyle="-", seeds: bool = False):
+    """Mean with its 95% band; with `seeds`, each seed as a thin line too (outliers stay visible)."""
     b = band(df, column)
     (line,) = ax.plot(b.index, b["mean"], label=label, color=color, linestyle=linestyle)
     ax.fill_between(b.index, b["lo"], b["hi"], color=line.get_color(), alpha=0.2, linewidth=0)
+    if seeds and df["seed"].nunique() > 1:
+        for _, per_seed in df.groupby("seed"):
+            ax.plot(per_seed["step"], per_seed[column], color=line.get_color(), linewidth=0.6, alpha=0.35)
     return line
 
 
@@ -47,23 +51,60 @@ def save(fig, stem: Path) -> list[Path]:
 
 
 def training_curves(df: pd.DataFrame, summary: dict, stem: Path) -> list[Path]:
-    """Four panels over training: loss (with GD and OLS losses), preds diff, model cos and
-    model diff to GD; mean over seeds with a 95% band."""
+    """Four panels over training: loss (with GD, GD++ and interpolated), then preds diff, model
+    cos and model diff to GD (solid) and to GD++ (dashed); mean over seeds, 95% band, each seed."""
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     refs = summary.get("references", {})
+    steps = refs["gd"]["steps"]
     for ax, (column, title, scale) in zip(axes, PANELS):
-        _plot_band(ax, df, column, "trained model")
-        ax.set_title(title)
+        _plot_band(ax, df, column, "to GD" if column != "loss" else "trained model (thin: seeds)", seeds=True)
+        if column != "loss" and f"{column}_gdpp" in df and steps > 1:
+            _plot_band(ax, df, f"{column}_gdpp", "to GD++", linestyle="--")
+            ax.legend(fontsize=8)
+        ax.set_title(title if steps == 1 else title.replace("to GD", "to GD / GD++"))
         ax.set_xlabel("training step")
         ax.set_yscale(scale)
         ax.grid(alpha=0.3)
-    axes[0].axhline(refs["gd"]["loss"], color="k", linestyle="--", label=f"GD ({refs['gd']['steps']} step(s))")
+    axes[0].axhline(refs["gd"]["loss"], color="k", linestyle="--", label=f"GD ({steps} step(s))")
+    if steps > 1 and refs.get("gdpp"):
+        axes[0].axhline(refs["gdpp"]["loss"], color="C3", linestyle="-.", label=f"GD++ ({steps} steps)")
     if "interpolated_loss" in df and df["interpolated_loss"].notna().any():
         _plot_band(axes[0], df, "interpolated_loss", "interpolated", linestyle=":")
+    # The interpolated model explodes while W_KQ's diagonal is near 0: keep the model in view.
+    axes[0].set_ylim(top=1.5 * float(df["loss"].max()))
     axes[2].set_ylim(top=1.02)
     axes[0].legend(fontsize=8)
     seeds = summary.get("seeds", 1)
     fig.suptitle(f"{summary.get('experiment', '')}: {seeds} seed(s), mean and 95% interval", fontsize=10)
+    return save(fig, stem)
+
+
+def per_layer(df: pd.DataFrame, summary: dict, stem: Path) -> list[Path]:
+    """Readout after layer k against k steps of GD and GD++: final loss and model cos per layer,
+    and each layer's model cos to GD++ over training."""
+    layers = summary["per_layer"]
+    ks = np.arange(1, len(layers) + 1)
+    mean = lambda name: np.array([layer[name]["mean"] for layer in layers])  # noqa: E731
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    axes[0].plot(ks, mean("loss"), "o-", label="trained model")
+    axes[0].plot(ks, mean("gd_loss"), "s--", color="k", label="GD, k steps")
+    axes[0].plot(ks, mean("gdpp_loss"), "^-.", color="C3", label="GD++, k steps")
+    axes[0].set_yscale("log")
+    axes[0].set_title("loss of the readout after layer k")
+    axes[1].plot(ks, mean("model_cos"), "s--", color="k", label="to GD")
+    axes[1].plot(ks, mean("model_cos_gdpp"), "^-.", color="C3", label="to GD++")
+    axes[1].set_title("model cos after layer k")
+    for ax in axes[:2]:
+        ax.set_xlabel("layer k")
+        ax.set_xticks(ks)
+    for k in ks:
+        _plot_band(axes[2], df, f"layer{k}_model_cos_gdpp", f"layer {k}")
+    axes[2].set_title("model cos to GD++ over training")
+    axes[2].set_xlabel("training step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{summary.get('experiment', '')}: per-layer readouts against GD / GD++ steps", fontsize=10)
     return save(fig, stem)
 
 
@@ -154,4 +195,25 @@ def explain_layers(report: dict, stem: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.suptitle("per layer: fitted on the last readout only", fontsize=10)
+    return save(fig, stem)
+
+
+def depth_extrapolation(df: pd.DataFrame, trained: int, damping: float, stem: Path) -> list[Path]:
+    """Loss and model cos of a recurrent layer iterated past its training depth, next to GD and GD++."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    df = df.rename(columns={"iterations": "step"})
+    _plot_band(axes[0], df, "loss", f"trained layer (damping {damping:g})", seeds=True)
+    first = df[df["seed"] == df["seed"].min()]
+    axes[0].plot(first["step"], first["gd_loss"], "k--", label="GD, same number of steps")
+    axes[0].plot(first["step"], first["gdpp_loss"], "-.", color="C3", label="GD++, same number of steps")
+    axes[0].set_yscale("log")
+    axes[0].set_title("loss")
+    _plot_band(axes[1], df, "model_cos", "to GD", color="k")
+    _plot_band(axes[1], df, "model_cos_gdpp", "to GD++", color="C3")
+    axes[1].set_title("model cos")
+    for ax in axes:
+        ax.axvline(trained, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xlabel("iterations (dotted: trained depth)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return save(fig, stem)

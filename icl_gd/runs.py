@@ -96,7 +96,8 @@ class RunDir:
 
 
 def load_config(run_dir: str | Path) -> DictConfig:
-    return OmegaConf.load(Path(run_dir) / CONFIG_FILE)
+    """A run's resolved config on the current schema (fields added since then take defaults)."""
+    return OmegaConf.merge(OmegaConf.structured(config_lib.Config), OmegaConf.load(Path(run_dir) / CONFIG_FILE))
 
 
 def load_summary(run_dir: str | Path) -> dict:

@@ -1,0 +1,49 @@
+"""Configuration: composition, and one clear line for every kind of mistake."""
+
+import pytest
+
+from icl_gd import config
+
+
+def test_defaults_are_the_paper_setting():
+    cfg = config.load_config()
+    assert (cfg.task.dim, cfg.task.n_context, cfg.task.x_dist, cfg.task.x_scale) == (10, 10, "uniform", 0.5)
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.b2, cfg.train.steps) == (2048, 1e-3, 0.98, 5000)
+    assert cfg.eval.n_tasks == 10_000 and cfg.eval.line_search_tasks == 100_000
+    assert config.init_scale(cfg.model) == pytest.approx(0.002)
+
+
+@pytest.mark.parametrize("name", config.group_options("experiment"))
+def test_every_experiment_composes(name):
+    cfg = config.load_config([f"experiment={name}"])
+    assert cfg.name == name
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("task.n_context=0", "task.n_context: got 0; allowed: an integer >= 1"),
+        ("train.lr=-1", "train.lr: got -1.0; allowed: a number > 0"),
+        ("task.x_dist=cauchy", "task.x_dist: got 'cauchy'; allowed: uniform | gaussian | laplace | exponential"),
+        ("model.attention=relu", "model.attention: got 'relu'; allowed: linear | softmax"),
+        ("train.seeds=0", "train.seeds: got 0; allowed: an integer >= 1"),
+        ("task.distractors=11", "task.distractors: got 11; allowed: an integer in [0, task.n_context=10]"),
+        ("experiment=nope", "experiment: unknown value 'nope'; allowed: "),
+        ("train.foo=1", "train.foo: unknown field; allowed: steps, batch_size"),
+        ("bogus=1", "bogus: unknown field; allowed: "),
+        ("train.steps=abc", "train.steps: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("analyses=[nope]", "analyses: got 'nope'; allowed: a list of "),
+    ],
+)
+def test_bad_values_fail_with_one_line_naming_the_field(override, message):
+    with pytest.raises(config.ConfigError) as err:
+        config.load_config([override])
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_sweeps_expand_to_jobs():
+    jobs = config.expand_sweep(["model.layers=1,2", "task.dim=3"])
+    assert jobs == [["model.layers=1", "task.dim=3"], ["model.layers=2", "task.dim=3"]]
+    with pytest.raises(config.ConfigError, match="experiment: unknown value 'x'"):
+        config.expand_sweep(["experiment=single_layer,x"])

@@ -1,0 +1,124 @@
+"""The GD / GD++ constructions, the closed forms and the line search (SPEC sections 4 and 6)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from icl_gd import models, references, tasks
+
+
+def numpy_gd(x, y, xq, etas):
+    """GD on L(W) = 1/(2N) sum (W x_i - y_i)^2 from W = 0, written out in numpy."""
+    w = np.zeros(x.shape[1])
+    preds = []
+    for eta in etas:
+        w = w - eta * x.T @ (x @ w - y) / x.shape[0]
+        preds.append(w @ xq)
+    return np.array(preds)
+
+
+@pytest.fixture(scope="module")
+def small_tasks():
+    return tasks.sample_linear(jax.random.key(0), 50, dim=6, n_context=9, x_dist="gaussian", x_scale=0.8)
+
+
+def test_gd_construction_is_the_spec_weights():
+    w = references.gd_weights(jnp.array([2.0]), dim=3, n_context=5)
+    w_k = w_q = np.diag([1.0, 1, 1, 0])
+    w_v = np.diag([0.0, 0, 0, -1])
+    w_p = np.diag([0.0, 0, 0, 2.0 / 5])
+    np.testing.assert_allclose(w["w_kq"][0, 0], w_k.T @ w_q)
+    np.testing.assert_allclose(w["w_pv"][0, 0], w_p @ w_v)
+
+
+@pytest.mark.parametrize("etas", [[1.3], [1.3, 0.7, 2.0]])
+def test_gd_layers_equal_gd_steps(small_tasks, etas):
+    t = small_tasks
+    weights = references.gd_weights(jnp.array(etas), 6, 9)
+    lsa = models.predict_batch(models.Architecture(layers=len(etas)), weights, t.x, t.y, t.xq)
+    expected = np.stack([numpy_gd(*map(np.asarray, (t.x[i], t.y[i], t.xq[i])), etas) for i in range(50)])
+    np.testing.assert_allclose(lsa, expected, rtol=1e-5, atol=1e-6)
+    direct = jax.vmap(references.gd_direct, in_axes=(0, 0, 0, None))(t.x, t.y, t.xq, jnp.array(etas))
+    np.testing.assert_allclose(direct, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_recurrent_gd_layer_equals_k_steps(small_tasks):
+    t = small_tasks
+    tied = references.gd_weights(jnp.array([0.9]), 6, 9)  # one weight set, applied 4 times
+    lsa = models.predict_batch(models.Architecture(layers=4), tied, t.x, t.y, t.xq)
+    expected = np.stack([numpy_gd(*map(np.asarray, (t.x[i], t.y[i], t.xq[i])), [0.9] * 4) for i in range(50)])
+    np.testing.assert_allclose(lsa, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gdpp_layers_equal_gdpp_direct(small_tasks):
+    t = small_tasks
+    etas, gammas = jnp.array([1.1, 0.8, 1.5]), jnp.array([0.3, -0.2, 0.5])
+    lsa = models.predict_batch(models.Architecture(layers=3), references.gdpp_weights(etas, gammas, 6, 9), t.x, t.y, t.xq)
+    direct = jax.vmap(references.gdpp_direct, in_axes=(0, 0, 0, None, None))(t.x, t.y, t.xq, etas, gammas)
+    np.testing.assert_allclose(lsa, direct, rtol=1e-5, atol=1e-6)
+    # GD++'s input transformation changes predictions from the second step on.
+    plain = jax.vmap(references.gd_direct, in_axes=(0, 0, 0, None))(t.x, t.y, t.xq, etas)
+    np.testing.assert_allclose(lsa[:, 0], plain[:, 0], rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(lsa[:, 2] - plain[:, 2]).mean()) > 1e-2
+
+
+def test_closed_form_defaults():
+    ref = references.closed_form_gd(10, 10, "uniform", 0.5)
+    assert ref.eta == pytest.approx(6.0606, abs=1e-4)
+    assert ref.loss == pytest.approx(0.2062, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "dim,n_context,law,scale,w_std,noise",
+    [(5, 20, "uniform", 1.0, 1.0, 0.0), (3, 4, "gaussian", 0.5, 2.0, 0.0), (8, 12, "laplace", 0.3, 1.0, 0.2),
+     (4, 6, "exponential", 0.6, 1.0, 0.0)],
+)
+def test_closed_form_matches_monte_carlo(dim, n_context, law, scale, w_std, noise):
+    ref = references.closed_form_gd(dim, n_context, law, scale, w_std, noise)
+    t = tasks.sample_linear(jax.random.key(7), 400_000, dim=dim, n_context=n_context, x_dist=law, x_scale=scale,
+                            w_std=w_std, noise_std=noise)
+    mc_loss = float(references.gd_loss(jnp.array([ref.eta]), t))
+    assert mc_loss == pytest.approx(ref.loss, rel=0.02)
+    # eta* is the minimiser: the line search on the same tasks finds it.
+    assert references.line_search_eta(t, 1, 3 * ref.eta).eta == pytest.approx(ref.eta, rel=0.02)
+
+
+def test_line_search_and_gd_loss_for_the_paper_defaults():
+    sample = tasks.sampler({"kind": "linear", "dim": 10, "n_context": 10, "x_dist": "uniform", "x_scale": 0.5,
+                            "w_std": 1.0, "noise_std": 0.0, "distractors": 0})
+    search = references.line_search_eta(sample(jax.random.key(11), 100_000), 1, 20.0)
+    assert search.eta == pytest.approx(6.0606, rel=0.02)
+    eval_loss = float(references.gd_loss(jnp.array([search.eta]), sample(jax.random.key(12), 10_000)))
+    assert eval_loss == pytest.approx(0.2062, rel=0.03)
+
+
+def test_minimize_scalar_finds_quadratic_minimum():
+    x, value = references.minimize_scalar(lambda e: (e - 2.345) ** 2, 0.0, 10.0)
+    assert float(x) == pytest.approx(2.345, abs=1e-4)
+    assert float(value) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_ridge_and_ols_match_numpy(small_tasks):
+    t = small_tasks
+    for i in range(5):
+        x, y, xq = map(np.asarray, (t.x[i], t.y[i], t.xq[i]))
+        ols = np.linalg.lstsq(x, y, rcond=None)[0] @ xq
+        ridge = np.linalg.solve(x.T @ x + 0.5 * np.eye(6), x.T @ y) @ xq
+        assert float(references.ridge_predict(t.x[i], t.y[i], t.xq[i])[0]) == pytest.approx(ols, rel=1e-4)
+        assert float(references.ridge_predict(t.x[i], t.y[i], t.xq[i], 0.5)[0]) == pytest.approx(ridge, rel=1e-4)
+
+
+def test_bayes_ridge_lambda():
+    assert references.bayes_ridge_lambda(0.5, 2.0) == pytest.approx(0.0625)
+
+
+def test_fit_gdpp_beats_gd_for_three_steps():
+    sample = lambda k, n: tasks.sample_linear(k, n, dim=4, n_context=8)  # noqa: E731
+    eval_tasks = sample(jax.random.key(1), 4000)
+    eta = references.line_search_eta(sample(jax.random.key(2), 20_000), 3, 30.0).eta
+    gd = float(references.gd_loss(jnp.full((3,), eta), eval_tasks))
+    fit = references.fit_gdpp(sample, 3, False, eta, jax.random.key(3), dim=4, n_context=8, train_steps=300,
+                              batch=512, lr=1e-2, eval_tasks=eval_tasks)
+    assert fit.etas.shape == (3,) and fit.gammas.shape == (3,)
+    assert fit.loss < 0.9 * gd
