@@ -9,7 +9,7 @@ ARGS ?=
 EXPERIMENTS := single_layer recurrent multi_layer depth_extrapolation softmax layernorm_mlp
 STAMP_TIME := $(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: venv run test bench baselines clean-venv $(EXPERIMENTS)
+.PHONY: venv run test bench baselines explain clean-venv $(EXPERIMENTS)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,20 @@ recurrent: $(STAMP)
 
 multi_layer depth_extrapolation softmax layernorm_mlp: $(STAMP)
 	$(ICL) train experiment=$@ $(ARGS)
+
+## Issue 5, docs/explain.md: which algorithm does each trained model run? Trains each experiment once
+## into runs/explain/<name> (when that folder is missing), explains every seed once (when
+## runs/explain/<name>/explain is missing), then compares them side by side.
+## `make explain ARGS="train.seeds=3"` passes overrides to the training runs.
+EXPLAINED := single_layer recurrent multi_layer softmax
+
+explain: $(STAMP)
+	@for name in $(EXPLAINED); do \
+	  dir=runs/explain/$$name; \
+	  [ -d $$dir ] || $(ICL) train experiment=$$name train.progress=false --out $$dir $(ARGS) || exit 1; \
+	  [ -d $$dir/explain ] || $(ICL) explain $$dir --seed-all || exit 1; \
+	done
+	$(ICL) compare $(addprefix runs/explain/,$(EXPLAINED)) --out runs/explain/compare-$(STAMP_TIME)
 
 clean-venv:
 	rm -rf $(VENV)

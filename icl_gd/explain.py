@@ -214,34 +214,35 @@ def families(dim: int, steps: int, noise_std: float = 0.0, w_std: float = 1.0) -
     return [Family(name, steps, dim, lam) for name in FAMILIES if name not in omitted], omitted
 
 
-def levenberg_marquardt(residual: Callable[[jax.Array], jax.Array], theta0_P: jax.Array, iters: int) -> jax.Array:
-    """Minimise `sum(residual(theta)^2)` by damped Gauss-Newton, compiled as one while loop of at
-    most `iters` steps: a step is kept only if it lowers the cost (the damping then shrinks), else
-    the damping grows (Marquardt's scaling by `diag(J^T J)`). Stops once a kept step gains less
-    than 1e-7 of the cost; families linear in their parameters converge in one step. The residual
-    and its Jacobian are computed once per step, at the candidate."""
-    eye = jnp.eye(theta0_P.shape[0], dtype=theta0_P.dtype)
-
-    def linearize(theta):
-        r, jvp = jax.linearize(residual, theta)
-        value = jnp.where(jnp.all(jnp.isfinite(r)), r @ r, jnp.inf)
-        return r, jax.vmap(jvp, out_axes=1)(eye), value
+def levenberg_marquardt(residual: Callable[[jax.Array], jax.Array], theta0_P: jax.Array, n_tasks: int,
+                        iters: int) -> jax.Array:
+    """Minimise `sum(residual(theta)^2)` (`residual: [P] -> [n_tasks]`) by damped Gauss-Newton,
+    compiled as one while loop of at most `iters` steps: a step is kept only if it lowers the cost
+    (the damping then shrinks), else the damping grows (Marquardt's scaling by `diag(J^T J)`).
+    Stops once a kept step gains less than 1e-7 of the cost; families linear in their parameters
+    converge in one step. The residual and its Jacobian are computed once per step, at the
+    candidate; the loop starts from a zero Jacobian and infinite cost, so that its first candidate
+    is `theta0` itself."""
+    n_params = theta0_P.shape[0]
+    eye = jnp.eye(n_params, dtype=theta0_P.dtype)
 
     def step(carry):
         i, theta, r, jac_TxP, value, damping, _ = carry
         jtj = jac_TxP.T @ jac_TxP
         diag = jnp.diag(jtj) + 1e-9 * jnp.max(jnp.diag(jtj)) + 1e-30
         candidate = theta - jnp.linalg.solve(jtj + damping * jnp.diag(diag), jac_TxP.T @ r)
-        r_new, jac_new, new_value = linearize(candidate)
+        r_new, jvp = jax.linearize(residual, candidate)
+        new_value = jnp.where(jnp.all(jnp.isfinite(r_new)), r_new @ r_new, jnp.inf)
         better = new_value < value
         keep = lambda new, old: jnp.where(better, new, old)  # noqa: E731
-        done = better & (value - new_value <= 1e-7 * value)
-        return (i + 1, keep(candidate, theta), keep(r_new, r), keep(jac_new, jac_TxP), keep(new_value, value),
-                keep(damping * 0.3, damping * 4.0), done)
+        done = better & jnp.isfinite(value) & (value - new_value <= 1e-7 * value)
+        return (i + 1, keep(candidate, theta), keep(r_new, r), keep(jax.vmap(jvp, out_axes=1)(eye), jac_TxP),
+                keep(new_value, value), jnp.where(better | ~jnp.isfinite(value), damping * 0.3, damping * 4.0), done)
 
-    init = (0, theta0_P, *linearize(theta0_P), jnp.asarray(1e-3, theta0_P.dtype), False)
-    theta = jax.lax.while_loop(lambda c: (c[0] < iters) & ~c[6] & (c[5] < 1e10), step, init)[1]
-    return theta
+    zeros = jnp.zeros((n_tasks,), theta0_P.dtype)
+    init = (0, theta0_P, zeros, jnp.zeros((n_tasks, n_params), theta0_P.dtype), jnp.asarray(jnp.inf, theta0_P.dtype),
+            jnp.asarray(1e-3 / 0.3, theta0_P.dtype), False)
+    return jax.lax.while_loop(lambda c: (c[0] < iters + 1) & ~c[6] & (c[5] < 1e10), step, init)[1]
 
 
 def fit(family: Family, t: Tasks, target_T: jax.Array, eta0: jax.Array, iters: int) -> jax.Array:
@@ -257,7 +258,7 @@ def fit(family: Family, t: Tasks, target_T: jax.Array, eta0: jax.Array, iters: i
 
     costs = jax.vmap(lambda th: jnp.sum(residual(th) ** 2))(starts)
     best = starts[jnp.argmin(jnp.where(jnp.isfinite(costs), costs, jnp.inf))]
-    return levenberg_marquardt(residual, best, iters)
+    return levenberg_marquardt(residual, best, t.x.shape[0], iters)
 
 
 def agreement(model: metrics.Evaluation, other: metrics.Evaluation, yq_T: jax.Array) -> dict[str, jax.Array]:

@@ -13,9 +13,9 @@ import pytest
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from icl_gd import analyses, cli, config, experiment, explain, models, references
+from icl_gd import analyses, cli, config, explain, models, references
 
-DIM, N, TASKS, ITERS = 3, 6, 256, 30
+DIM, N, TASKS, ITERS = 4, 8, 256, 30  # the shape of conftest's tiny_run, so compiled fits are shared
 CLEAR = 10.0  # BIC difference read as very strong evidence (Kass & Raftery 1995)
 TASK = config.TaskConfig(dim=DIM, n_context=N)
 
@@ -94,7 +94,7 @@ def test_weight_structure_of_gdpp_construction():
         assert row["kq_outside_gd"] == 0 and row["pv_outside_gdpp"] == 0 and row["kq_x_block_off_identity"] == 0
         assert row["implied_eta"] == pytest.approx(eta, rel=1e-6)
         assert row["implied_gamma"] == pytest.approx(gamma, rel=1e-6, abs=1e-7)
-    assert rows[0]["pv_outside_gd"] == pytest.approx(np.sqrt(3 * 0.25 / (3 * 0.25 + 9)), rel=1e-6)
+    assert rows[0]["pv_outside_gd"] == pytest.approx(np.sqrt(DIM * 0.25 / (DIM * 0.25 + 9)), rel=1e-6)
     assert rows[1]["pv_outside_gd"] == 0
 
 
@@ -104,18 +104,8 @@ def test_ranking_penalises_parameters():
     assert rank["margin"]["mean"] == pytest.approx(2 * np.log(100))
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    cfg = config.load_config([f"task.dim={DIM}", f"task.n_context={N}", "train.steps=100", "train.batch_size=128",
-                              "train.seeds=2", "train.eval_every=50", "train.progress=false", "eval.n_tasks=200",
-                              "eval.line_search_tasks=500", "train.clip_norm=10", "train.lr=0.01"])
-    path = tmp_path_factory.mktemp("runs") / "tiny"
-    experiment.train(cfg, path, quiet=True)
-    return path
-
-
-def test_cli_explain_writes_once_and_refuses_bad_input(run_dir, tmp_path):
-    runner = CliRunner()
+def test_cli_explain_writes_once_and_refuses_bad_input(tiny_run, tmp_path):
+    run_dir, runner = tiny_run.run_dir, CliRunner()
     args = ["explain", str(run_dir), "--seed-all", "--tasks", str(TASKS), "--iters", str(ITERS)]
     result = runner.invoke(cli.app, args)
     assert result.exit_code == 0, result.output
@@ -136,6 +126,9 @@ def test_cli_explain_writes_once_and_refuses_bad_input(run_dir, tmp_path):
         result = runner.invoke(cli.app, ["explain", str(run_dir), "--out", str(out), *bad])
         assert result.exit_code == 2 and f"error: {field}:" in result.output and not out.exists()
         assert len(result.output.strip().splitlines()) == 1
+
+    analysed = runner.invoke(cli.app, ["analyze", str(run_dir), "explain"])
+    assert analysed.exit_code == 2 and "already exists" in analysed.output
 
     compared = runner.invoke(cli.app, ["compare", str(run_dir), str(run_dir), "--out", str(tmp_path / "cmp")])
     assert compared.exit_code == 0, compared.output
