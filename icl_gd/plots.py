@@ -168,7 +168,7 @@ def explain_ranking(report: dict, stem: Path) -> list[Path]:
     for i, name in enumerate(report["sets"]):
         nmse = [max(fams[n][name]["nmse"]["mean"], 1e-12) for n in names]
         right.barh(y + (i - (len(report["sets"]) - 1) / 2) * width, nmse, height=width, label=name, color=f"C{i}")
-    right.set_yticks(y, names)
+    right.set_yticks(y, [])
     right.invert_yaxis()
     right.set_xscale("log")
     right.set_xlabel("1 - R^2 of the model's predictions (mean over seeds)")
