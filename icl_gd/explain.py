@@ -3,7 +3,7 @@
 A hypothesis family is a predictor `theta, (x, y, xq) -> y_hat_K` (one readout per step, as a
 model has one per layer) with a fixed number of free parameters. Each family is fitted to the
 model's final readout on a fit set (the model's predictions, not the labels), by damped
-Gauss-Newton compiled as one scan from the best of a few starting points; then compared with
+Gauss-Newton compiled as one while loop from the best of a few starting points; then compared with
 the model (SPEC section 5 metrics) on held-out tasks from the training law and on shifted input
 laws. Families are ranked by a BIC on the held-out discrepancy, so that a family pays for every
 parameter it was given.
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from icl_gd import metrics, models, references, tasks as tasks_lib
+from icl_gd import metrics, references, tasks as tasks_lib
 from icl_gd.tasks import Tasks
 
 FLOOR = 1e-6  # normalised discrepancies below this (0.1% RMS of the model's predictions) count as zero
