@@ -205,7 +205,7 @@ def compare(
             table.add_column(str(column))
         for _, row in explain_df.iterrows():
             table.add_row(*[str(v) for v in row.tolist()])
-        console.print(table)
+        (console if console.is_terminal else Console(width=200)).print(table)
     console.print("written: " + ", ".join(str(p) for p in written))
 
 
