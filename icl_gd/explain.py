@@ -3,7 +3,7 @@
 A hypothesis family is a predictor `theta, (x, y, xq) -> y_hat_K` (one readout per step, as a
 model has one per layer) with a fixed number of free parameters. Each family is fitted to the
 model's final readout on a fit set (the model's predictions, not the labels), by damped
-Gauss-Newton compiled as one while loop from the best of a few starting points; then compared with
+Gauss-Newton compiled as one scan from the best of a few starting points; then compared with
 the model (SPEC section 5 metrics) on held-out tasks from the training law and on shifted input
 laws. Families are ranked by a BIC on the held-out discrepancy, so that a family pays for every
 parameter it was given.
@@ -217,32 +217,34 @@ def families(dim: int, steps: int, noise_std: float = 0.0, w_std: float = 1.0) -
 def levenberg_marquardt(residual: Callable[[jax.Array], jax.Array], theta0_P: jax.Array, n_tasks: int,
                         iters: int) -> jax.Array:
     """Minimise `sum(residual(theta)^2)` (`residual: [P] -> [n_tasks]`) by damped Gauss-Newton,
-    compiled as one while loop of at most `iters` steps: a step is kept only if it lowers the cost
-    (the damping then shrinks), else the damping grows (Marquardt's scaling by `diag(J^T J)`).
-    Stops once a kept step gains less than 1e-7 of the cost; families linear in their parameters
+    compiled as one scan of `iters` steps: a step is kept only if it lowers the cost (the damping
+    then shrinks), else the damping grows (Marquardt's scaling by `diag(J^T J)`). Frozen once a
+    kept step gains less than 1e-7 of the cost (a scan, not a while loop: XLA's CPU runtime was
+    seen to hang on these vmapped while loops); families linear in their parameters
     converge in one step. The residual and its Jacobian are computed once per step, at the
     candidate; the loop starts from a zero Jacobian and infinite cost, so that its first candidate
     is `theta0` itself."""
     n_params = theta0_P.shape[0]
     eye = jnp.eye(n_params, dtype=theta0_P.dtype)
 
-    def step(carry):
-        i, theta, r, jac_TxP, value, damping, _ = carry
+    def step(carry, _):
+        theta, r, jac_TxP, value, damping, done = carry
         jtj = jac_TxP.T @ jac_TxP
         diag = jnp.diag(jtj) + 1e-9 * jnp.max(jnp.diag(jtj)) + 1e-30
         candidate = theta - jnp.linalg.solve(jtj + damping * jnp.diag(diag), jac_TxP.T @ r)
         r_new, jvp = jax.linearize(residual, candidate)
         new_value = jnp.where(jnp.all(jnp.isfinite(r_new)), r_new @ r_new, jnp.inf)
-        better = new_value < value
+        better = (new_value < value) & ~done
         keep = lambda new, old: jnp.where(better, new, old)  # noqa: E731
-        done = better & jnp.isfinite(value) & (value - new_value <= 1e-7 * value)
-        return (i + 1, keep(candidate, theta), keep(r_new, r), keep(jax.vmap(jvp, out_axes=1)(eye), jac_TxP),
-                keep(new_value, value), jnp.where(better | ~jnp.isfinite(value), damping * 0.3, damping * 4.0), done)
+        converged = better & jnp.isfinite(value) & (value - new_value <= 1e-7 * value)
+        damping = jnp.where(done, damping, jnp.where(better | ~jnp.isfinite(value), damping * 0.3, damping * 4.0))
+        return (keep(candidate, theta), keep(r_new, r), keep(jax.vmap(jvp, out_axes=1)(eye), jac_TxP),
+                keep(new_value, value), damping, done | converged | (damping >= 1e10)), None
 
     zeros = jnp.zeros((n_tasks,), theta0_P.dtype)
-    init = (0, theta0_P, zeros, jnp.zeros((n_tasks, n_params), theta0_P.dtype), jnp.asarray(jnp.inf, theta0_P.dtype),
-            jnp.asarray(1e-3 / 0.3, theta0_P.dtype), False)
-    return jax.lax.while_loop(lambda c: (c[0] < iters + 1) & ~c[6] & (c[5] < 1e10), step, init)[1]
+    init = (theta0_P, zeros, jnp.zeros((n_tasks, n_params), theta0_P.dtype), jnp.asarray(jnp.inf, theta0_P.dtype),
+            jnp.asarray(1e-3 / 0.3, theta0_P.dtype), jnp.asarray(False))
+    return jax.lax.scan(step, init, None, length=iters + 1)[0][0]
 
 
 def fit(family: Family, t: Tasks, target_T: jax.Array, eta0: jax.Array, iters: int) -> jax.Array:
