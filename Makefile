@@ -10,7 +10,7 @@ EXPERIMENTS := single_layer recurrent multi_layer depth_extrapolation softmax la
 	ood distractors label_noise sine classic_tokens
 STAMP_TIME := $(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: venv run test bench baselines clean-venv $(EXPERIMENTS)
+.PHONY: venv run test bench baselines explain clean-venv $(EXPERIMENTS)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,20 @@ multi_layer depth_extrapolation softmax layernorm_mlp: $(STAMP)
 ## Task variants, five seeds each (docs/experiments_tasks.md).
 ood distractors label_noise sine classic_tokens: $(STAMP)
 	$(ICL) train experiment=$@ train.seeds=5 $(ARGS)
+
+## Issue 5, docs/explain.md: which algorithm does each trained model run? Trains each experiment once
+## into runs/explain/<name> (when that folder is missing), explains every seed once (when
+## runs/explain/<name>/explain is missing), then compares them side by side.
+## `make explain ARGS="train.seeds=3"` passes overrides to the training runs.
+EXPLAINED := single_layer recurrent multi_layer softmax
+
+explain: $(STAMP)
+	@for name in $(EXPLAINED); do \
+	  dir=runs/explain/$$name; \
+	  [ -d $$dir ] || $(ICL) train experiment=$$name train.progress=false --out $$dir $(ARGS) || exit 1; \
+	  [ -d $$dir/explain ] || $(ICL) explain $$dir --seed-all || exit 1; \
+	done
+	$(ICL) compare $(addprefix runs/explain/,$(EXPLAINED)) --out runs/explain/compare-$(STAMP_TIME)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -4,7 +4,8 @@ An analysis is a function `run_dir -> dict` that reads the run (`runs.load_param
 config and metrics), writes its own files under `run_dir/analyses/<name>/` and returns a
 JSON-ready summary, stored in `summary.json` under `analyses.<name>`. Experiments list the
 analyses to run after training in `analyses: [...]`; `icl-gd analyze RUN_DIR NAME` runs one
-later.
+later. `explain` (issue 5, numerics in `icl_gd.explain`) writes `RUN_DIR/explain/`, the folder
+`icl-gd explain` writes and `icl-gd compare` reads.
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +26,7 @@ import numpy as np
 import pandas as pd
 from flax import nnx
 
+from icl_gd import explain as explain_lib
 from icl_gd import metrics, models, plots, references, runs, tasks, tokens
 
 Analysis = Callable[[Path], dict]
@@ -284,6 +290,99 @@ def copy_dependence(run_dir: Path) -> dict:
     plots.token_dependence(np.asarray(norms[0]), pd.DataFrame(rows), out / "copy")
     return {"shares": {kind: {part: metrics.mean_ci95(v) for part, v in parts.items()} for kind, parts in shares.items()},
             "copy_r2": metrics.mean_ci95(r2), "copy_singular_values": singular}
+
+EXPLAIN_DIR, EXPLAIN_FILE = "explain", "explain.json"
+MIN_EXPLAIN_TASKS = 64
+
+
+class ExplainError(ValueError):
+    """Bad input to `explain_run`, in one line naming the argument and its allowed values."""
+
+
+def _check_explain(run_dir: Path, seeds: Optional[Sequence[int]], n_tasks: int, iters: int, out: Path):
+    """Everything `explain_run` needs, checked before any work: returns the run's config and seeds."""
+    from icl_gd import runs
+
+    summary_file = run_dir / runs.SUMMARY_FILE
+    if not summary_file.exists() or not (run_dir / "checkpoint").exists():
+        raise ExplainError(f"RUN_DIR: {run_dir} is not a run directory (no {runs.SUMMARY_FILE} / checkpoint)")
+    status = runs.load_summary(run_dir).get("status")
+    if status != "completed":
+        raise ExplainError(f"RUN_DIR: {run_dir} is a {status} run; allowed: a completed run")
+    cfg = runs.load_config(run_dir)
+    if cfg.task.kind != "linear":
+        raise ExplainError(f"task.kind: explain tests linear-regression hypotheses; got {cfg.task.kind!r}, allowed: linear")
+    n_seeds = int(cfg.train.seeds)
+    seeds = list(range(n_seeds)) if seeds is None else [int(s) for s in seeds]
+    if not seeds or any(not 0 <= s < n_seeds for s in seeds):
+        raise ExplainError(f"--seed: got {seeds}; allowed: seeds in 0..{n_seeds - 1} (this run has {n_seeds})")
+    fams, _ = explain_lib.families(int(cfg.task.dim), int(cfg.model.layers), float(cfg.task.noise_std))
+    least = max(MIN_EXPLAIN_TASKS, 2 * max(f.n_params for f in fams))
+    if n_tasks < least:
+        raise ExplainError(f"--tasks: got {n_tasks}; allowed: an integer >= {least} (twice the largest family's parameters)")
+    if iters < 1:
+        raise ExplainError(f"--iters: got {iters}; allowed: an integer >= 1")
+    if out.exists():
+        raise ExplainError(f"--out: {out} already exists; explain never overwrites, pass --out NEW_DIR")
+    return cfg, seeds
+
+
+def explain_run(run_dir: Path, *, seeds: Optional[Sequence[int]] = None, n_tasks: int = 2048, iters: int = 50,
+                out: Optional[Path] = None) -> tuple[dict, Path]:
+    """Run `icl_gd.explain` on the trained model of the given seeds (all by default) and write
+    `explain.json`, the ranking figure, the weight heatmaps (first seed) and, for deep models,
+    the per-layer figure to `out` (default `RUN_DIR/explain`), which must not exist. Files appear
+    all at once: they are written to a temporary folder that is then renamed."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from icl_gd import models, plots, runs
+
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / EXPLAIN_DIR
+    cfg, seeds = _check_explain(run_dir, seeds, n_tasks, iters, out)
+    started = time.time()
+    _, graphdef, params = runs.load_params(run_dir)
+    params_S = jax.tree_util.tree_map(lambda a: a[np.asarray(seeds)], params)
+
+    def model_fn(p, x, y, xq):
+        model = nnx.merge(graphdef, p)
+        return models.forward(model.arch, model.weights(), x, y, xq)
+
+    key = jax.random.fold_in(jax.random.key(int(cfg.eval.seed)), 2)  # 0 and 1: the eval and line-search sets
+    report = explain_lib.explain(model_fn, params_S, cfg.task, key, steps=int(cfg.model.layers), n_tasks=n_tasks,
+                                 iters=iters)
+    weights = jax.device_get(jax.vmap(lambda p: nnx.merge(graphdef, p).weights())(params_S))
+    n_context = int(cfg.task.n_context)
+    report.update(
+        run=str(run_dir), experiment=runs.load_summary(run_dir).get("experiment"), seed_ids=seeds,
+        weights={"per_seed": [explain_lib.weight_structure(weights["w_kq"][i], weights["w_pv"][i], n_context)
+                              for i in range(len(seeds))]},
+        wall_time_s=time.time() - started,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        runs.write_json(tmp / EXPLAIN_FILE, report)
+        plots.explain_ranking(report, tmp / "ranking")
+        plots.weight_heatmaps(weights["w_kq"][0], weights["w_pv"][0], tmp / "weights",
+                              f"{report['experiment']}, seed {seeds[0]}")
+        if report["steps"] > 1:
+            plots.explain_layers(report, tmp / "layers")
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report, out
+
+
+@register("explain")
+def explain(run_dir: Path) -> dict:
+    """Which algorithm the trained model runs (issue 5), on every seed; files in RUN_DIR/explain/."""
+    report, out = explain_run(run_dir)
+    rank = report["ranking"]
+    return {"winner": rank["winner"], "runner_up": rank["runner_up"], "margin": rank["margin"],
+            "explains": report["explains"], "verdict": report["verdict"], "file": str(out / EXPLAIN_FILE)}
 
 
 @register("depth_extrapolation")

@@ -1,4 +1,4 @@
-"""`icl-gd`: train models, evaluate baselines and compare runs from the command line.
+"""`icl-gd`: train models, evaluate baselines, explain and compare runs from the command line.
 
 Overrides are Hydra's (`experiment=single_layer train.seeds=5 task.dim=5`); `--multirun`
 sweeps comma-separated values with Hydra's launchers (`hydra/launcher=joblib` locally,
@@ -156,10 +156,13 @@ def compare(
     run_dirs: List[Path] = typer.Argument(..., help="Run directories written by `icl-gd train`."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where the figure and table go (must not exist). Default runs/compare/<timestamp>."),
 ):
-    """Overlay the curves of several runs and tabulate their final metrics."""
+    """Overlay the curves of several runs and tabulate their final metrics (and their `explain`
+    results side by side, for runs that have RUN_DIR/explain/explain.json)."""
+    import json
+
     import pandas as pd
 
-    from icl_gd import plots, runs
+    from icl_gd import analyses, plots, runs
 
     for run_dir in run_dirs:
         if not (run_dir / runs.METRICS_FILE).exists() or not (run_dir / runs.SUMMARY_FILE).exists():
@@ -190,7 +193,47 @@ def compare(
     for column in table_df.columns.drop("run"):
         table.add_row(str(column), *[_fmt(v) for v in table_df[column].tolist()])
     console.print(table)
-    console.print("written: " + ", ".join(str(p) for p in [out / "compare.csv", *paths]))
+    written = [out / "compare.csv", *paths]
+    explained = {label: run_dir / analyses.EXPLAIN_DIR / analyses.EXPLAIN_FILE
+                 for label, run_dir in zip(frames, run_dirs)}
+    reports = {label: json.loads(path.read_text()) for label, path in explained.items() if path.exists()}
+    if reports:
+        explain_df = explain_table(reports)
+        explain_df.to_csv(out / "compare_explain.csv", index=False)
+        written.append(out / "compare_explain.csv")
+        table = Table(title="explain: BIC above each run's winner (held-out R^2); first rows: the verdicts")
+        for column in explain_df.columns:
+            table.add_column(str(column))
+        for _, row in explain_df.iterrows():
+            table.add_row(*[str(v) for v in row.tolist()])
+        (console if console.is_terminal else Console(width=200)).print(table)
+    console.print("written: " + ", ".join(str(p) for p in written))
+
+
+def explain_table(reports: dict[str, dict]):
+    """Families (rows) by runs (columns): `BIC above the winner (R^2)`, after rows for the winner,
+    its margin (95% interval) and whether it explains the model."""
+    import pandas as pd
+
+    names = list(dict.fromkeys(n for r in reports.values() for n in r["ranking"]["order"]))
+    rows = [
+        {"family": "winner", **{label: r["ranking"]["winner"] for label, r in reports.items()}},
+        {"family": "margin", **{label: _interval(r["ranking"]["margin"]) for label, r in reports.items()}},
+        {"family": "explains", **{label: str(r["explains"]) for label, r in reports.items()}},
+    ]
+    for name in names:
+        row = {"family": f"{name}"}
+        for label, r in reports.items():
+            fam = r["families"].get(name)
+            row[label] = "-" if fam is None else (f"{r['ranking']['delta'][name]['mean']:.4g} "
+                                                  f"({fam['heldout']['r2']['mean']:.4f})")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _interval(stats: dict) -> str:
+    lo, hi = stats["ci95"]
+    return _fmt(stats["mean"]) + ("" if lo is None else f" [{lo:.4g}, {hi:.4g}]")
 
 
 @app.command("experiments")
@@ -217,6 +260,64 @@ def analyze(
         _fail(f"NAME: unknown analysis '{name}'; allowed: {', '.join(sorted(analyses.REGISTRY)) or '(none)'}")
     try:
         result = analyses.run(name, run_dir)
-    except ValueError as err:
+    except ValueError as err:  # analyses.ExplainError included
         _fail(str(err))
     console.print_json(json.dumps(runs._json_ready(result)))
+
+
+@app.command()
+def explain(
+    run_dir: Path = typer.Argument(..., help="A completed run directory written by `icl-gd train`."),
+    seed: int = typer.Option(0, "--seed", help="The seed to explain."),
+    seed_all: bool = typer.Option(False, "--seed-all", help="Explain every seed; 95% intervals across them."),
+    tasks: int = typer.Option(2048, "--tasks", help="Tasks in the fit set and in each scoring set."),
+    iters: int = typer.Option(50, "--iters", help="Gauss-Newton iterations per fit."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (must not exist). Default RUN_DIR/explain."),
+):
+    """Which algorithm does the trained model run? Fit GD, GD++, preconditioned GD, iterative
+    solvers and ridge to its predictions, score them on held-out and shifted tasks, rank them by
+    BIC; write explain.json and figures."""
+    from icl_gd import analyses
+
+    try:
+        report, folder = analyses.explain_run(run_dir, seeds=None if seed_all else [seed], n_tasks=tasks,
+                                               iters=iters, out=out)
+    except analyses.ExplainError as err:
+        _fail(str(err))
+    print_explain(report)
+    console.print(f"written: {folder} ({analyses.EXPLAIN_FILE}, ranking, weights figures) "
+                  f"in {report['wall_time_s']:.1f} s")
+
+
+def print_explain(report: dict) -> None:
+    """The ranking table (mean over seeds; final readout; `1-R^2` is the model's prediction variance
+    a family leaves unexplained), then per-layer `1-R^2` for deep models, weights and the verdict."""
+    out = console if console.is_terminal else Console(width=200)
+    rank, fams, sets = report["ranking"], report["families"], report["sets"]
+    ood = [s for s in sets if s != "heldout"]
+    table = Table(title=f"{report.get('experiment', '')}: {report['seeds']} seed(s), {report['n_tasks']} tasks per set; "
+                        f"{rank['criterion']}")
+    for column in ("family", "params", "BIC - winner [95%]", "1-R^2", "model cos", "preds diff", "model diff",
+                   *[f"1-R^2 {s}" for s in ood], "loss"):
+        table.add_column(column)
+    for name in rank["order"]:
+        fam, held = fams[name], fams[name]["heldout"]
+        table.add_row(name, str(fam["n_params"]), _interval(rank["delta"][name]), _fmt(held["nmse"]["mean"]),
+                      *[_fmt(held[m]["mean"]) for m in ("model_cos", "preds_diff", "model_diff")],
+                      *[_fmt(fam[s]["nmse"]["mean"]) for s in ood], _fmt(held["loss"]["mean"]))
+    out.print(table)
+    out.print(f"model loss on held-out tasks: {_fmt(report['model']['heldout']['loss']['mean'])}")
+    if report["steps"] > 1:
+        layers = Table(title="per layer: 1-R^2 of layer k's readout against step k (held-out)")
+        layers.add_column("family")
+        for k in range(report["steps"]):
+            layers.add_column(str(k + 1))
+        for name in rank["order"]:
+            layers.add_row(name, *[_fmt(1 - v) for v in fams[name]["per_layer"]["r2"]])
+        out.print(layers)
+    for row in report["weights"]["per_seed"][0]:
+        out.print(f"weights layer {row['layer']} head {row['head']}: norm outside the GD blocks W_KQ "
+                  f"{row['kq_outside_gd']:.3g}, W_PV {row['pv_outside_gd']:.3g} (GD++ blocks {row['pv_outside_gdpp']:.3g}); "
+                  f"x-block of W_KQ off identity {row['kq_x_block_off_identity']:.3g}; "
+                  f"implied eta {row['implied_eta']:.4g}, gamma {row['implied_gamma']:.4g}")
+    out.print(f"[bold]{report['verdict']}[/bold]")

@@ -1,5 +1,6 @@
-"""Figures (PNG and PDF): training curves of a run against its references, and the overlay of
-several runs for `icl-gd compare`."""
+"""Figures (PNG and PDF): training curves of a run against its references, the overlay of
+several runs for `icl-gd compare`, and the figures of `icl-gd explain` (weight heatmaps, ranking,
+per-layer agreement)."""
 
 from __future__ import annotations
 
@@ -186,6 +187,75 @@ def token_dependence(norms_MxM: np.ndarray, shares: pd.DataFrame, stem: Path) ->
     right.set_ylim(0, 1)
     right.grid(alpha=0.3, axis="y")
     fig.suptitle("classic tokens: what the first layer's update of each token depends on", fontsize=10)
+
+def weight_heatmaps(w_kq: np.ndarray, w_pv: np.ndarray, stem: Path, title: str = "") -> list[Path]:
+    """`W_KQ = W_K^T W_Q` and `W_PV = W_P W_V` of every layer (rows) and head, side by side, each
+    on its own symmetric color scale (the last row and column are the label coordinate)."""
+    w_kq, w_pv = np.asarray(w_kq), np.asarray(w_pv)
+    layers, heads = w_kq.shape[:2]
+    fig, axes = plt.subplots(layers, 2 * heads, figsize=(3.2 * 2 * heads, 2.9 * layers), squeeze=False)
+    for layer in range(layers):
+        for head in range(heads):
+            for j, (name, w) in enumerate((("W_KQ", w_kq), ("W_PV", w_pv))):
+                ax, m = axes[layer, 2 * head + j], w[layer, head]
+                limit = max(float(np.abs(m).max()), 1e-12)
+                image = ax.imshow(m, cmap="RdBu_r", vmin=-limit, vmax=limit)
+                ax.set_title(f"{name}, layer {layer}, head {head}", fontsize=8)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
+    fig.suptitle(title, fontsize=10)
+    return save(fig, stem)
+
+
+def explain_ranking(report: dict, stem: Path) -> list[Path]:
+    """Left: each family's penalised score above the winner's (BIC difference, 95% interval across
+    seeds). Right: its normalised discrepancy to the model (1 - R^2) on held-out and shifted tasks."""
+    names = report["ranking"]["order"]
+    fams = report["families"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 0.45 * len(names) + 2))
+    y = np.arange(len(names))
+    delta = report["ranking"]["delta"]
+    means = np.array([delta[n]["mean"] for n in names])
+    lo = np.array([delta[n]["ci95"][0] if delta[n]["ci95"][0] is not None else delta[n]["mean"] for n in names])
+    hi = np.array([delta[n]["ci95"][1] if delta[n]["ci95"][1] is not None else delta[n]["mean"] for n in names])
+    left.barh(y, means, xerr=[means - lo, hi - means], color="C0")
+    left.set_yticks(y, [f"{n} ({fams[n]['n_params']})" for n in names])
+    left.invert_yaxis()
+    left.set_xscale("symlog", linthresh=10)
+    left.set_xlabel("BIC above the winner (lower is better)")
+    left.grid(alpha=0.3, axis="x")
+    width = 0.8 / len(report["sets"])
+    for i, name in enumerate(report["sets"]):
+        nmse = [max(fams[n][name]["nmse"]["mean"], 1e-12) for n in names]
+        right.barh(y + (i - (len(report["sets"]) - 1) / 2) * width, nmse, height=width, label=name, color=f"C{i}")
+    right.set_yticks(y, [])
+    right.invert_yaxis()
+    right.set_xscale("log")
+    right.set_xlabel("1 - R^2 of the model's predictions (mean over seeds)")
+    right.legend(fontsize=7)
+    right.grid(alpha=0.3, axis="x")
+    fig.suptitle(report["verdict"], fontsize=9)
+    return save(fig, stem)
+
+
+def explain_layers(report: dict, stem: Path) -> list[Path]:
+    """Layer `k`'s readout against step `k` of each fitted family: 1 - R^2 and model cos."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    layers = np.arange(1, report["steps"] + 1)
+    for i, name in enumerate(report["ranking"]["order"]):
+        per_layer = report["families"][name]["per_layer"]
+        style = {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--", "marker": "o", "markersize": 3}
+        axes[0].plot(layers, np.maximum(1 - np.asarray(per_layer["r2"]), 1e-12), label=name, **style)
+        axes[1].plot(layers, per_layer["model_cos"], label=name, **style)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("1 - R^2, held-out")
+    axes[1].set_ylabel("model cos, held-out")
+    for ax in axes:
+        ax.set_xlabel("layer k vs step k")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("per layer: fitted on the last readout only", fontsize=10)
     return save(fig, stem)
 
 

@@ -1,0 +1,443 @@
+"""Which algorithm does a trained model run? A fair test of hypotheses (issue 5).
+
+A hypothesis family is a predictor `theta, (x, y, xq) -> y_hat_K` (one readout per step, as a
+model has one per layer) with a fixed number of free parameters. Each family is fitted to the
+model's final readout on a fit set (the model's predictions, not the labels), by damped
+Gauss-Newton compiled as one scan from the best of a few starting points; then compared with
+the model (SPEC section 5 metrics) on held-out tasks from the training law and on shifted input
+laws. Families are ranked by a BIC on the held-out discrepancy, so that a family pays for every
+parameter it was given.
+
+Everything here is a pure function of arrays, keys and static sizes; the run directory lives in
+`icl_gd.analyses`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from icl_gd import metrics, references, tasks as tasks_lib
+from icl_gd.tasks import Tasks
+
+FLOOR = 1e-6  # normalised discrepancies below this (0.1% RMS of the model's predictions) count as zero
+EXPLAINS_R2 = 0.95  # a family "explains" the model when held-out R^2 and model cos both reach this
+MULTIPLES = (0.125, 0.25, 0.5, 1.0, 2.0)  # starting step sizes, in units of 1 / (input variance)
+HELDOUT = "heldout"
+
+ModelFn = Callable[..., jax.Array]  # (params, x_Nxd, y_N, xq_d) -> y_hat_K
+
+
+def _normal_equations(x_Nxd: jax.Array, y_N: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`A = X^T X / N` and `b = X^T y / N`, the gradient of SPEC's loss being `A w - b`."""
+    n = x_Nxd.shape[0]
+    return x_Nxd.T @ x_Nxd / n, x_Nxd.T @ y_N / n
+
+
+def precond_gd(x_Nxd, y_N, xq_d, p_Kxdxd) -> jax.Array:
+    """K preconditioned GD steps `w <- w - P_k (A w - b)` from `w = 0`; readout after each step."""
+    a, b = _normal_equations(x_Nxd, y_N)
+
+    def step(w, p):
+        w = w - p @ (a @ w - b)
+        return w, w @ xq_d
+
+    _, preds = jax.lax.scan(step, jnp.zeros_like(b), p_Kxdxd)
+    return preds
+
+
+def richardson(x_Nxd, y_N, xq_d, alpha, lam, steps: int) -> jax.Array:
+    """Richardson iteration on the ridge normal equations `(A + lam I) w = b` from `w = 0`, which
+    is the truncated Neumann series of `alpha (I - alpha (A + lam I))^j b`; `lam = 0` is plain GD."""
+    a, b = _normal_equations(x_Nxd, y_N)
+
+    def step(w, _):
+        w = w - alpha * (a @ w + lam * w - b)
+        return w, w @ xq_d
+
+    _, preds = jax.lax.scan(step, jnp.zeros_like(b), None, length=steps)
+    return preds
+
+
+def chebyshev(x_Nxd, y_N, xq_d, center, half_width, steps: int) -> jax.Array:
+    """Chebyshev iteration for `A w = b` assuming A's spectrum in `center -+ half_width`
+    (Saad, Iterative Methods, Algorithm 12.1, written without dividing by the half width).
+    Its first step is GD with `eta = 1 / center`."""
+    a, b = _normal_equations(x_Nxd, y_N)
+    rho0 = half_width / center
+
+    def step(state, _):
+        w, r, d, rho = state
+        w, r = w + d, r - a @ d
+        denom = 2 * center - half_width * rho
+        rho_next = half_width / denom
+        d = rho_next * rho * d + 2 * r / denom
+        return (w, r, d, rho_next), w @ xq_d
+
+    _, preds = jax.lax.scan(step, (jnp.zeros_like(b), b, b / center, rho0), None, length=steps)
+    return preds
+
+
+def newton_schulz(x_Nxd, y_N, xq_d, alpha, steps: int) -> jax.Array:
+    """Newton-Schulz iteration `M <- M (2I - A M)` for `A^-1` from `M_0 = alpha I`; readout `k` is
+    `x_q^T M_k b`, the Neumann series with `2^k` terms (Fu et al. 2023's "iterative Newton")."""
+    a, b = _normal_equations(x_Nxd, y_N)
+    eye = jnp.eye(a.shape[0], dtype=a.dtype)
+
+    def step(m, _):
+        m = m @ (2 * eye - a @ m)
+        return m, xq_d @ (m @ b)
+
+    _, preds = jax.lax.scan(step, alpha * eye, None, length=steps)
+    return preds
+
+
+def _pairs(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.stack(jnp.meshgrid(a, b, indexing="ij"), -1).reshape(-1, 2)
+
+
+def _chebyshev_starts(steps, dim, eta0, n):
+    center_fraction = _pairs(1 / (jnp.asarray(MULTIPLES) * eta0), jnp.array([0.0, 0.5, 0.9]))
+    return jnp.stack([center_fraction[:, 0], center_fraction.prod(-1)], -1)
+
+
+_GAMMAS = jnp.array([0.0, 0.25, 0.5])  # GD++ starting gammas, in units of eta0
+_STEP_SIZES = lambda eta0: jnp.asarray(MULTIPLES) * eta0  # noqa: E731
+_SCALAR = lambda k, d, e, n: _STEP_SIZES(e)[:, None]  # noqa: E731
+
+# name: (parameter count (K, d), predict (theta, x, y, xq, K, d, lam) -> y_hat_K, starts (K, d, eta0, N) -> [C, P], about)
+FAMILIES = {
+    "gd": (lambda k, d: 1,
+           lambda th, x, y, q, k, d, lam: references.gd_direct(x, y, q, jnp.broadcast_to(th[0], (k,))),
+           _SCALAR, "K GD steps, one shared eta (SPEC section 4)"),
+    "gd_per_step": (lambda k, d: k,
+                    lambda th, x, y, q, k, d, lam: references.gd_direct(x, y, q, th),
+                    lambda k, d, e, n: jnp.repeat(_STEP_SIZES(e)[:, None], k, 1), "K GD steps, one eta per step"),
+    "gdpp": (lambda k, d: 2,
+             lambda th, x, y, q, k, d, lam: references.gdpp_direct(
+                 x, y, q, jnp.broadcast_to(th[0], (k,)), jnp.broadcast_to(th[1], (k,))),
+             lambda k, d, e, n: _pairs(_STEP_SIZES(e), _GAMMAS * e), "GD++, (eta, gamma) shared (SPEC section 4)"),
+    "gdpp_per_step": (lambda k, d: 2 * k,
+                      lambda th, x, y, q, k, d, lam: references.gdpp_direct(x, y, q, th[:k], th[k:]),
+                      lambda k, d, e, n: jnp.repeat(_pairs(_STEP_SIZES(e), _GAMMAS * e), k, 1),
+                      "GD++, (eta_k, gamma_k) per step"),
+    "precond_diag": (lambda k, d: d,
+                     lambda th, x, y, q, k, d, lam: precond_gd(x, y, q, jnp.broadcast_to(jnp.diag(th), (k, d, d))),
+                     lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.ones(d),
+                     "GD with a diagonal preconditioner shared by the steps"),
+    "precond_diag_per_step": (lambda k, d: d * k,
+                              lambda th, x, y, q, k, d, lam: precond_gd(x, y, q, jax.vmap(jnp.diag)(th.reshape(k, d))),
+                              lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.ones(d * k),
+                              "GD with a diagonal preconditioner per step"),
+    "precond_full": (lambda k, d: d * d,
+                     lambda th, x, y, q, k, d, lam: precond_gd(x, y, q, jnp.broadcast_to(th.reshape(d, d), (k, d, d))),
+                     lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.eye(d).ravel(),
+                     "GD with a full preconditioner shared by the steps"),
+    "precond_full_per_step": (lambda k, d: d * d * k,
+                              lambda th, x, y, q, k, d, lam: precond_gd(x, y, q, th.reshape(k, d, d)),
+                              lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.tile(jnp.eye(d).ravel(), k),
+                              "GD with a full preconditioner per step"),
+    "richardson": (lambda k, d: 2,
+                   lambda th, x, y, q, k, d, lam: richardson(x, y, q, th[0], th[1], k),
+                   lambda k, d, e, n: _pairs(_STEP_SIZES(e), jnp.array([0.0, 0.01, 0.1]) / e),
+                   "Richardson on the ridge normal equations = truncated Neumann series, (alpha, lambda)"),
+    "chebyshev": (lambda k, d: 2,
+                  lambda th, x, y, q, k, d, lam: chebyshev(x, y, q, th[0], th[1], k),
+                  _chebyshev_starts, "Chebyshev iteration, spectrum of A assumed in center -+ half width"),
+    "newton_schulz": (lambda k, d: 1,
+                      lambda th, x, y, q, k, d, lam: newton_schulz(x, y, q, th[0], k),
+                      _SCALAR, "Newton-Schulz iteration for A^-1 from alpha I (2^k Neumann terms at step k)"),
+    "ridge": (lambda k, d: 1,
+              lambda th, x, y, q, k, d, lam: jnp.broadcast_to(references.ridge_predict(x, y, q, jnp.exp(th[0])), (k,)),
+              lambda k, d, e, n: jnp.log(jnp.logspace(-4, 2, 13) * n / e)[:, None],
+              "ridge regression on the context, fitted lambda (theta = log lambda)"),
+    "ols": (lambda k, d: 0,
+            lambda th, x, y, q, k, d, lam: jnp.broadcast_to(references.ridge_predict(x, y, q, 0.0), (k,)),
+            lambda k, d, e, n: jnp.zeros((1, 0)), "least squares on the context (minimum norm)"),
+    "bayes": (lambda k, d: 0,
+              lambda th, x, y, q, k, d, lam: jnp.broadcast_to(references.ridge_predict(x, y, q, lam), (k,)),
+              lambda k, d, e, n: jnp.zeros((1, 0)), "Bayes-optimal: ridge with lambda = noise^2 / w_std^2"),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A hypothesis for a model with `steps` readouts on `dim`-dimensional inputs: a predictor
+    `theta_P, (x, y, xq) -> y_hat_K` (closed forms give the same value at every step). Hashable,
+    so that its compiled fit is reused across calls."""
+
+    name: str
+    steps: int
+    dim: int
+    lam: float = 0.0  # the Bayes-optimal ridge penalty (family "bayes")
+
+    @property
+    def n_params(self) -> int:
+        return FAMILIES[self.name][0](self.steps, self.dim)
+
+    @property
+    def about(self) -> str:
+        return FAMILIES[self.name][3]
+
+    def predict(self, theta_P, x_Nxd, y_N, xq_d) -> jax.Array:
+        return FAMILIES[self.name][1](theta_P, x_Nxd, y_N, xq_d, self.steps, self.dim, self.lam)
+
+    def starts(self, eta0: jax.Array, n_context: int) -> jax.Array:
+        """Candidate starting points `[C, P]`, from a step-size scale `eta0` (1 / input variance)."""
+        return FAMILIES[self.name][2](self.steps, self.dim, eta0, n_context)
+
+
+def families(dim: int, steps: int, noise_std: float = 0.0, w_std: float = 1.0) -> tuple[list[Family], dict[str, str]]:
+    """The hypothesis families for a model with `steps` readouts, and those left out (with the
+    reason) because at this depth or noise level they coincide with a simpler one."""
+    omitted = {}
+    if steps == 1:
+        after = "for one step it is gd: {} acts only after the step"
+        omitted = {
+            "gd_per_step": "for one step it is gd",
+            "gdpp": after.format("gamma"),
+            "gdpp_per_step": after.format("gamma"),
+            "precond_diag_per_step": "for one step it is precond_diag",
+            "precond_full_per_step": "for one step it is precond_full",
+            "richardson": after.format("lambda"),
+            "chebyshev": "for one step it is gd with eta = 1 / center",
+        }
+    if noise_std == 0:
+        omitted["bayes"] = "noiseless tasks: the Bayes-optimal predictor is ols"
+    lam = references.bayes_ridge_lambda(noise_std, w_std)
+    return [Family(name, steps, dim, lam) for name in FAMILIES if name not in omitted], omitted
+
+
+def levenberg_marquardt(residual: Callable[[jax.Array], jax.Array], theta0_P: jax.Array, n_tasks: int,
+                        iters: int) -> jax.Array:
+    """Minimise `sum(residual(theta)^2)` (`residual: [P] -> [n_tasks]`) by damped Gauss-Newton,
+    compiled as one scan of `iters` steps: a step is kept only if it lowers the cost (the damping
+    then shrinks), else the damping grows (Marquardt's scaling by `diag(J^T J)`). Frozen once a
+    kept step gains less than 1e-7 of the cost (a scan, not a while loop: XLA's CPU runtime was
+    seen to hang on these vmapped while loops); families linear in their parameters
+    converge in one step. The residual and its Jacobian are computed once per step, at the
+    candidate; the loop starts from a zero Jacobian and infinite cost, so that its first candidate
+    is `theta0` itself."""
+    n_params = theta0_P.shape[0]
+    eye = jnp.eye(n_params, dtype=theta0_P.dtype)
+
+    def step(carry, _):
+        theta, r, jac_TxP, value, damping, done = carry
+        jtj = jac_TxP.T @ jac_TxP
+        diag = jnp.diag(jtj) + 1e-9 * jnp.max(jnp.diag(jtj)) + 1e-30
+        candidate = theta - jnp.linalg.solve(jtj + damping * jnp.diag(diag), jac_TxP.T @ r)
+        r_new, jvp = jax.linearize(residual, candidate)
+        new_value = jnp.where(jnp.all(jnp.isfinite(r_new)), r_new @ r_new, jnp.inf)
+        better = (new_value < value) & ~done
+        keep = lambda new, old: jnp.where(better, new, old)  # noqa: E731
+        converged = better & jnp.isfinite(value) & (value - new_value <= 1e-7 * value)
+        damping = jnp.where(done, damping, jnp.where(better | ~jnp.isfinite(value), damping * 0.3, damping * 4.0))
+        return (keep(candidate, theta), keep(r_new, r), keep(jax.vmap(jvp, out_axes=1)(eye), jac_TxP),
+                keep(new_value, value), damping, done | converged | (damping >= 1e10)), None
+
+    zeros = jnp.zeros((n_tasks,), theta0_P.dtype)
+    init = (theta0_P, zeros, jnp.zeros((n_tasks, n_params), theta0_P.dtype), jnp.asarray(jnp.inf, theta0_P.dtype),
+            jnp.asarray(1e-3 / 0.3, theta0_P.dtype), jnp.asarray(False))
+    return jax.lax.scan(step, init, None, length=iters + 1)[0][0]
+
+
+def fit(family: Family, t: Tasks, target_T: jax.Array, eta0: jax.Array, iters: int) -> jax.Array:
+    """Parameters of `family` whose final readout best matches `target_T` (the model's) on `t`,
+    from the best of the family's starting points."""
+    starts = family.starts(eta0, t.x.shape[1])
+    if family.n_params == 0:
+        return starts[0]
+
+    def residual(theta):
+        preds = jax.vmap(family.predict, in_axes=(None, 0, 0, 0))(theta, t.x, t.y, t.xq)
+        return preds[:, -1] - target_T
+
+    costs = jax.vmap(lambda th: jnp.sum(residual(th) ** 2))(starts)
+    best = starts[jnp.argmin(jnp.where(jnp.isfinite(costs), costs, jnp.inf))]
+    return levenberg_marquardt(residual, best, t.x.shape[0], iters)
+
+
+def agreement(model: metrics.Evaluation, other: metrics.Evaluation, yq_T: jax.Array) -> dict[str, jax.Array]:
+    """Per readout `[K]`: SPEC section 5's preds diff, model cos and model diff, plus the
+    normalised discrepancy `nmse = mean((f - m)^2) / var(m)` (`r2 = 1 - nmse`) and `other`'s loss."""
+    out = metrics.alignment(model, other)
+    nmse = jnp.mean((other.preds - model.preds) ** 2, axis=0) / jnp.var(model.preds, axis=0)
+    out.update(nmse=nmse, r2=1.0 - nmse, loss=metrics.losses(other, yq_T))
+    return out
+
+
+def task_sets(task_cfg, key: jax.Array, n_tasks: int) -> dict[str, Tasks]:
+    """The fit set and the scoring sets: held-out tasks from the training law, and the same tasks
+    family with inputs scaled by 0.5 and 2, and from another input law of the same variance."""
+    law, scale = str(task_cfg.x_dist), float(task_cfg.x_scale)
+    other = "uniform" if law == "gaussian" else "gaussian"
+    matched = scale * math.sqrt(tasks_lib.input_law(law, 1.0).var / tasks_lib.input_law(other, 1.0).var)
+    samplers = {
+        "fit": tasks_lib.sampler(task_cfg),
+        HELDOUT: tasks_lib.sampler(task_cfg),
+        "x_scale_x0.5": tasks_lib.sampler(task_cfg, x_scale=0.5 * scale),
+        "x_scale_x2": tasks_lib.sampler(task_cfg, x_scale=2.0 * scale),
+        f"x_dist_{other}": tasks_lib.sampler(task_cfg, x_dist=other, x_scale=matched),
+    }
+    return {name: sample(jax.random.fold_in(key, i), n_tasks) for i, (name, sample) in enumerate(samplers.items())}
+
+
+def _stack(trees: list):
+    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+@functools.partial(jax.jit, static_argnames=("fams", "iters"))
+def _fit_and_score(fit_set: Tasks, fit_target_SxT: jax.Array, scoring: Tasks, model_ev: metrics.Evaluation,
+                   eta0: jax.Array, *, fams: tuple[Family, ...], iters: int) -> dict:
+    """Every family and seed: fit the family to the model, then its agreement with the model on
+    the stacked scoring sets. One program for all families (compiling them apart takes twice as
+    long), cached across calls with the same families and shapes."""
+
+    def one_seed(family, fit_target_T, model_ev):
+        theta = fit(family, fit_set, fit_target_T, eta0, iters)
+        predict = functools.partial(family.predict, theta)
+        scores = jax.vmap(lambda t, ev: agreement(ev, metrics.evaluate(predict, t), t.yq))(scoring, model_ev)
+        return {"theta": theta, "scores": scores}
+
+    return {f.name: jax.vmap(functools.partial(one_seed, f))(fit_target_SxT, model_ev) for f in fams}
+
+
+def fit_and_score(model_fn: ModelFn, fams: list[Family], params_S, sets: dict[str, Tasks], iters: int) -> dict:
+    """Fit every family to every seed's model and score it on every set but the fit set.
+
+    Returns `{"model_loss": [S, sets, K], "families": {name: {"theta": [S, P], "scores": {metric:
+    [S, sets, K]}}}}`, the scoring sets in the order of `sets`, stacked so that they are traced once.
+    """
+    fit_set = sets["fit"]
+    scoring = _stack([t for name, t in sets.items() if name != "fit"])
+    eta0 = 1.0 / jnp.mean(fit_set.x**2)
+
+    @jax.jit
+    @functools.partial(jax.vmap, in_axes=(0, None, None))
+    def evaluate_model(params, fit_set, scoring):
+        predict = functools.partial(model_fn, params)
+        fit_preds = jax.vmap(predict)(fit_set.x, fit_set.y, fit_set.xq)[:, -1]
+        return fit_preds, jax.vmap(functools.partial(metrics.evaluate, predict))(scoring)
+
+    fit_target, model_ev = evaluate_model(params_S, fit_set, scoring)
+    model_loss = jax.vmap(jax.vmap(metrics.losses))(model_ev, jnp.broadcast_to(scoring.yq, model_ev.preds.shape[:3]))
+    fitted = _fit_and_score(fit_set, fit_target, scoring, model_ev, eta0, fams=tuple(fams), iters=iters)
+    return jax.device_get({"model_loss": model_loss, "families": fitted})
+
+
+def ranking(nmse_SxF: np.ndarray, n_params_F: np.ndarray, n_tasks: int, names: list[str]) -> dict:
+    """BIC on the held-out discrepancy: `score = n log(nmse + FLOOR) + p log n` per seed and family
+    (Gaussian discrepancies of variance `nmse`, `p` fitted parameters, `n` held-out tasks); lower
+    is better. The winner has the lowest mean score; its margin is the runner-up's score minus its
+    own, per seed, with a 95% interval across seeds (Student t)."""
+    score = n_tasks * np.log(np.asarray(nmse_SxF, np.float64) + FLOOR) + np.asarray(n_params_F) * math.log(n_tasks)
+    order = np.argsort(score.mean(0), kind="stable")
+    winner, runner_up = order[0], order[1]
+    return {
+        "criterion": f"BIC = n log(nmse + {FLOOR:g}) + p log n on {n_tasks} held-out tasks (lower is better)",
+        "order": [names[i] for i in order],
+        "winner": names[winner],
+        "runner_up": names[runner_up],
+        "margin": metrics.mean_ci95(score[:, runner_up] - score[:, winner]),
+        "wins": int(np.sum(score.argmin(1) == winner)),
+        "seeds": int(score.shape[0]),
+        "score": {name: metrics.mean_ci95(score[:, i]) for i, name in enumerate(names)},
+        "delta": {name: metrics.mean_ci95(score[:, i] - score[:, winner]) for i, name in enumerate(names)},
+    }
+
+
+def off_identity(m_Bxdxd: np.ndarray) -> np.ndarray:
+    """`||M - mean(diag M) I|| / ||M||` per matrix: how far a preconditioner is from a scaled identity."""
+    m = np.asarray(m_Bxdxd, np.float64)
+    scale = np.trace(m, axis1=-2, axis2=-1) / m.shape[-1]
+    return np.linalg.norm(m - scale[:, None, None] * np.eye(m.shape[-1]), axis=(-2, -1)) / np.maximum(
+        np.linalg.norm(m, axis=(-2, -1)), 1e-30)
+
+
+def weight_structure(w_kq: np.ndarray, w_pv: np.ndarray, n_context: int) -> list[dict]:
+    """Per layer and head of `[L, H, D, D]` products: the fraction of the Frobenius norm outside
+    the blocks the GD / GD++ constructions use (SPEC section 4: `W_KQ` only in its x-block,
+    `W_PV` only in its x-block (GD++) and label entry (GD)), how far the x-block of `W_KQ` is
+    from a multiple of the identity, and the `eta`, `gamma` a GD++ layer with these entries has."""
+    w_kq, w_pv = np.asarray(w_kq, np.float64), np.asarray(w_pv, np.float64)
+    dim = w_kq.shape[-1] - 1
+    xx = np.zeros(w_kq.shape[-2:], bool)
+    xx[:dim, :dim] = True
+    yy = np.zeros_like(xx)
+    yy[dim, dim] = True
+
+    def outside(w, mask):
+        return float(np.linalg.norm(np.where(mask, 0.0, w)) / max(np.linalg.norm(w), 1e-30))
+
+    rows = []
+    for layer in range(w_kq.shape[0]):
+        for head in range(w_kq.shape[1]):
+            kq, pv = w_kq[layer, head], w_pv[layer, head]
+            kq_diag = float(np.mean(np.diag(kq)[:dim]))
+            rows.append({
+                "layer": layer, "head": head,
+                "kq_outside_gd": outside(kq, xx),
+                "pv_outside_gd": outside(pv, yy),
+                "pv_outside_gdpp": outside(pv, xx | yy),
+                "kq_x_block_off_identity": float(off_identity(kq[None, :dim, :dim])[0]),
+                "implied_eta": -n_context * pv[dim, dim] * kq_diag,
+                "implied_gamma": -n_context * float(np.mean(np.diag(pv)[:dim])) * kq_diag,
+            })
+    return rows
+
+
+def explain(model_fn: ModelFn, params_S, task_cfg, key: jax.Array, *, steps: int, n_tasks: int = 2048,
+            iters: int = 50) -> dict:
+    """The whole test for a model given as `model_fn(params, x, y, xq) -> y_hat_K` with a leading
+    seed axis on `params_S`: families fitted, scored, ranked; JSON-ready (means and 95% intervals
+    across seeds, final readout unless `per_layer`)."""
+    fams, omitted = families(int(task_cfg.dim), steps, float(task_cfg.noise_std), float(task_cfg.w_std))
+    sets = task_sets(task_cfg, key, n_tasks)
+    raw = fit_and_score(model_fn, fams, params_S, sets, iters)
+    names = [f.name for f in fams]
+    scoring = [name for name in sets if name != "fit"]
+    held = scoring.index(HELDOUT)
+    nmse_SxF = np.stack([raw["families"][name]["scores"]["nmse"][:, held, -1] for name in names], 1)
+    rank = ranking(nmse_SxF, np.array([f.n_params for f in fams]), n_tasks, names)
+    report = {}
+    for f in fams:
+        r = raw["families"][f.name]
+        entry = {"n_params": f.n_params, "about": f.about, "params": np.asarray(r["theta"]).tolist()}
+        scores = r["scores"]
+        entry.update({s: {m: metrics.mean_ci95(v[:, i, -1]) for m, v in scores.items()} for i, s in enumerate(scoring)})
+        entry["per_layer"] = {m: scores[m][:, held].mean(0).tolist() for m in ("r2", "model_cos", "preds_diff")}
+        if f.name.startswith("precond_full"):
+            entry["off_identity"] = metrics.mean_ci95(off_identity(np.asarray(r["theta"]).reshape(-1, f.dim, f.dim))
+                                                      .reshape(len(r["theta"]), -1).mean(1))
+        report[f.name] = entry
+    best = report[rank["winner"]][HELDOUT]
+    r2, cos = best["r2"]["mean"], best["model_cos"]["mean"]
+    explains = bool(r2 >= EXPLAINS_R2 and cos >= EXPLAINS_R2)
+    margin = rank["margin"]
+    if explains:
+        verdict = (f"{rank['winner']} ({report[rank['winner']]['n_params']} parameter(s)) explains the model best: "
+                   f"held-out R^2 {r2:.4f}, model cos {cos:.4f}; BIC margin {margin['mean']:.1f} over "
+                   f"{rank['runner_up']}, lowest in {rank['wins']}/{rank['seeds']} seed(s)")
+    else:
+        verdict = (f"no family explains the model: the best, {rank['winner']}, reaches held-out R^2 {r2:.4f} and "
+                   f"model cos {cos:.4f} (both must reach {EXPLAINS_R2})")
+    return {
+        "steps": steps,
+        "n_tasks": n_tasks,
+        "fit_iters": iters,
+        "seeds": int(nmse_SxF.shape[0]),
+        "sets": scoring,
+        "model": {s: {"loss": metrics.mean_ci95(raw["model_loss"][:, i, -1])} for i, s in enumerate(scoring)},
+        "families": report,
+        "omitted": omitted,
+        "ranking": rank,
+        "explains": explains,
+        "explains_threshold": EXPLAINS_R2,
+        "verdict": verdict,
+    }
