@@ -40,7 +40,7 @@ def bench(overrides: list[str], seeds: int, chunks: int = 5) -> dict:
     steady_s = (time.perf_counter() - start) / (chunks * n)
     refs = experiment.compute_references(cfg)
     evaluator = experiment.make_evaluator(graphdef, cfg.model, dim)
-    evaluate = lambda: evaluator(params, refs.eval_tasks, refs.gd_eval, refs.gd_weights)  # noqa: E731
+    evaluate = lambda: evaluator(params, refs)  # noqa: E731
     _, eval_compile_s = timed(evaluate)
     _, eval_s = timed(evaluate)
     return {"seeds": seeds, "compile_s": compile_s, "steps_per_s": 1 / steady_s, "ms_per_step": 1e3 * steady_s,
