@@ -24,13 +24,8 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(ICL) train experiment=single_layer $(ARGS)
 
-## XLA's CPU runtime can wedge (sleep forever) inside explain's vmapped Levenberg-Marquardt fits
-## (seen about once in five suite runs, never elsewhere): those tests run on their own, bounded
-## by a timeout, and once more if the first attempt wedges. Everything else runs on every core.
 test: $(STAMP)
-	$(BIN)/python -m pytest --ignore=tests/test_explain.py
-	timeout 600 $(BIN)/python -m pytest -n 0 tests/test_explain.py || \
-	  timeout 600 $(BIN)/python -m pytest -n 0 tests/test_explain.py
+	$(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_train.py $(ARGS)

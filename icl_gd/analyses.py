@@ -106,16 +106,15 @@ def ood(run_dir: Path) -> dict:
     etas = jnp.full((steps,), refs["gd"]["eta"])
     gdpp_etas, gdpp_gammas = (jnp.broadcast_to(jnp.asarray(refs["gdpp"][k]), (steps,)) for k in ("etas", "gammas"))
     lam = refs["ridge"]["lambda"]
-    per_task = {
-        "gd": lambda x, y, xq: references.gd_direct(x, y, xq, etas)[-1],
-        "gdpp": lambda x, y, xq: references.gdpp_direct(x, y, xq, gdpp_etas, gdpp_gammas)[-1],
-        "ols": lambda x, y, xq: references.ridge_predict(x, y, xq)[0],
-        "ridge": lambda x, y, xq: references.ridge_predict(x, y, xq, lam)[0],
-    }
+    def per_task(x, y, xq):
+        spec = references.ridge_spectrum(x, y)  # one SVD for OLS and ridge (see ridge_spectrum)
+        return {"gd": references.gd_direct(x, y, xq, etas)[-1],
+                "gdpp": references.gdpp_direct(x, y, xq, gdpp_etas, gdpp_gammas)[-1],
+                "ols": references.ridge_from_spectrum(spec, xq), "ridge": references.ridge_from_spectrum(spec, xq, lam)}
 
     @jax.jit
     def shifted_losses(t):
-        out = {name: references.loss(jax.vmap(fn)(t.x, t.y, t.xq), t.yq) for name, fn in per_task.items()}
+        out = {name: references.loss(preds, t.yq) for name, preds in jax.vmap(per_task)(t.x, t.y, t.xq).items()}
         out["model"] = jax.vmap(lambda p: references.loss(p, t.yq))(_seed_predictions(graphdef, params, t))
         return out
 

@@ -111,57 +111,58 @@ _GAMMAS = jnp.array([0.0, 0.25, 0.5])  # GD++ starting gammas, in units of eta0
 _STEP_SIZES = lambda eta0: jnp.asarray(MULTIPLES) * eta0  # noqa: E731
 _SCALAR = lambda k, d, e, n: _STEP_SIZES(e)[:, None]  # noqa: E731
 
-# name: (parameter count (K, d), predict (theta, x, y, xq, K, d, lam) -> y_hat_K, starts (K, d, eta0, N) -> [C, P], about)
+# name: (parameter count (K, d), predict (theta, x, y, xq, ridge spectrum, K, d, lam) -> y_hat_K,
+#        starts (K, d, eta0, N) -> [C, P], about)
 FAMILIES = {
     "gd": (lambda k, d: 1,
-           lambda th, x, y, q, k, d, lam: references.gd_direct(x, y, q, jnp.broadcast_to(th[0], (k,))),
+           lambda th, x, y, q, sp, k, d, lam: references.gd_direct(x, y, q, jnp.broadcast_to(th[0], (k,))),
            _SCALAR, "K GD steps, one shared eta (SPEC section 4)"),
     "gd_per_step": (lambda k, d: k,
-                    lambda th, x, y, q, k, d, lam: references.gd_direct(x, y, q, th),
+                    lambda th, x, y, q, sp, k, d, lam: references.gd_direct(x, y, q, th),
                     lambda k, d, e, n: jnp.repeat(_STEP_SIZES(e)[:, None], k, 1), "K GD steps, one eta per step"),
     "gdpp": (lambda k, d: 2,
-             lambda th, x, y, q, k, d, lam: references.gdpp_direct(
+             lambda th, x, y, q, sp, k, d, lam: references.gdpp_direct(
                  x, y, q, jnp.broadcast_to(th[0], (k,)), jnp.broadcast_to(th[1], (k,))),
              lambda k, d, e, n: _pairs(_STEP_SIZES(e), _GAMMAS * e), "GD++, (eta, gamma) shared (SPEC section 4)"),
     "gdpp_per_step": (lambda k, d: 2 * k,
-                      lambda th, x, y, q, k, d, lam: references.gdpp_direct(x, y, q, th[:k], th[k:]),
+                      lambda th, x, y, q, sp, k, d, lam: references.gdpp_direct(x, y, q, th[:k], th[k:]),
                       lambda k, d, e, n: jnp.repeat(_pairs(_STEP_SIZES(e), _GAMMAS * e), k, 1),
                       "GD++, (eta_k, gamma_k) per step"),
     "precond_diag": (lambda k, d: d,
-                     lambda th, x, y, q, k, d, lam: precond_gd(x, y, q, jnp.broadcast_to(jnp.diag(th), (k, d, d))),
+                     lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, jnp.broadcast_to(jnp.diag(th), (k, d, d))),
                      lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.ones(d),
                      "GD with a diagonal preconditioner shared by the steps"),
     "precond_diag_per_step": (lambda k, d: d * k,
-                              lambda th, x, y, q, k, d, lam: precond_gd(x, y, q, jax.vmap(jnp.diag)(th.reshape(k, d))),
+                              lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, jax.vmap(jnp.diag)(th.reshape(k, d))),
                               lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.ones(d * k),
                               "GD with a diagonal preconditioner per step"),
     "precond_full": (lambda k, d: d * d,
-                     lambda th, x, y, q, k, d, lam: precond_gd(x, y, q, jnp.broadcast_to(th.reshape(d, d), (k, d, d))),
+                     lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, jnp.broadcast_to(th.reshape(d, d), (k, d, d))),
                      lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.eye(d).ravel(),
                      "GD with a full preconditioner shared by the steps"),
     "precond_full_per_step": (lambda k, d: d * d * k,
-                              lambda th, x, y, q, k, d, lam: precond_gd(x, y, q, th.reshape(k, d, d)),
+                              lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, th.reshape(k, d, d)),
                               lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.tile(jnp.eye(d).ravel(), k),
                               "GD with a full preconditioner per step"),
     "richardson": (lambda k, d: 2,
-                   lambda th, x, y, q, k, d, lam: richardson(x, y, q, th[0], th[1], k),
+                   lambda th, x, y, q, sp, k, d, lam: richardson(x, y, q, th[0], th[1], k),
                    lambda k, d, e, n: _pairs(_STEP_SIZES(e), jnp.array([0.0, 0.01, 0.1]) / e),
                    "Richardson on the ridge normal equations = truncated Neumann series, (alpha, lambda)"),
     "chebyshev": (lambda k, d: 2,
-                  lambda th, x, y, q, k, d, lam: chebyshev(x, y, q, th[0], th[1], k),
+                  lambda th, x, y, q, sp, k, d, lam: chebyshev(x, y, q, th[0], th[1], k),
                   _chebyshev_starts, "Chebyshev iteration, spectrum of A assumed in center -+ half width"),
     "newton_schulz": (lambda k, d: 1,
-                      lambda th, x, y, q, k, d, lam: newton_schulz(x, y, q, th[0], k),
+                      lambda th, x, y, q, sp, k, d, lam: newton_schulz(x, y, q, th[0], k),
                       _SCALAR, "Newton-Schulz iteration for A^-1 from alpha I (2^k Neumann terms at step k)"),
     "ridge": (lambda k, d: 1,
-              lambda th, x, y, q, k, d, lam: jnp.broadcast_to(references.ridge_predict(x, y, q, jnp.exp(th[0])), (k,)),
+              lambda th, x, y, q, sp, k, d, lam: jnp.broadcast_to(references.ridge_from_spectrum(sp, q, jnp.exp(th[0])), (k,)),
               lambda k, d, e, n: jnp.log(jnp.logspace(-4, 2, 13) * n / e)[:, None],
               "ridge regression on the context, fitted lambda (theta = log lambda)"),
     "ols": (lambda k, d: 0,
-            lambda th, x, y, q, k, d, lam: jnp.broadcast_to(references.ridge_predict(x, y, q, 0.0), (k,)),
+            lambda th, x, y, q, sp, k, d, lam: jnp.broadcast_to(references.ridge_from_spectrum(sp, q), (k,)),
             lambda k, d, e, n: jnp.zeros((1, 0)), "least squares on the context (minimum norm)"),
     "bayes": (lambda k, d: 0,
-              lambda th, x, y, q, k, d, lam: jnp.broadcast_to(references.ridge_predict(x, y, q, lam), (k,)),
+              lambda th, x, y, q, sp, k, d, lam: jnp.broadcast_to(references.ridge_from_spectrum(sp, q, lam), (k,)),
               lambda k, d, e, n: jnp.zeros((1, 0)), "Bayes-optimal: ridge with lambda = noise^2 / w_std^2"),
 }
 
@@ -185,8 +186,9 @@ class Family:
     def about(self) -> str:
         return FAMILIES[self.name][3]
 
-    def predict(self, theta_P, x_Nxd, y_N, xq_d) -> jax.Array:
-        return FAMILIES[self.name][1](theta_P, x_Nxd, y_N, xq_d, self.steps, self.dim, self.lam)
+    def predict(self, theta_P, x_Nxd, y_N, xq_d, spec: references.RidgeSpectrum) -> jax.Array:
+        """Readouts `[K]` on one task; `spec` is the task's `references.ridge_spectrum`."""
+        return FAMILIES[self.name][1](theta_P, x_Nxd, y_N, xq_d, spec, self.steps, self.dim, self.lam)
 
     def starts(self, eta0: jax.Array, n_context: int) -> jax.Array:
         """Candidate starting points `[C, P]`, from a step-size scale `eta0` (1 / input variance)."""
@@ -214,6 +216,20 @@ def families(dim: int, steps: int, noise_std: float = 0.0, w_std: float = 1.0) -
     return [Family(name, steps, dim, lam) for name in FAMILIES if name not in omitted], omitted
 
 
+def spd_solve(a_PxP: jax.Array, b_P: jax.Array) -> jax.Array:
+    """`a^-1 b` for a symmetric positive definite `a`, by Gauss-Jordan elimination without
+    pivoting (stable for SPD matrices), in plain `jnp`: `jnp.linalg.solve` is a batched LAPACK
+    call, and several of those side by side in one program can deadlock XLA's CPU thread pool
+    (`references.ridge_spectrum`); the families' fits all run in one program."""
+    n = a_PxP.shape[0]
+
+    def eliminate(k, m):
+        row = m[k] / m[k, k]
+        return (m - m[:, k, None].at[k].set(0.0) * row).at[k].set(row)
+
+    return jax.lax.fori_loop(0, n, eliminate, jnp.concatenate([a_PxP, b_P[:, None]], 1))[:, n]
+
+
 def levenberg_marquardt(residual: Callable[[jax.Array], jax.Array], theta0_P: jax.Array, n_tasks: int,
                         iters: int) -> jax.Array:
     """Minimise `sum(residual(theta)^2)` (`residual: [P] -> [n_tasks]`) by damped Gauss-Newton,
@@ -231,7 +247,7 @@ def levenberg_marquardt(residual: Callable[[jax.Array], jax.Array], theta0_P: ja
         theta, r, jac_TxP, value, damping, done = carry
         jtj = jac_TxP.T @ jac_TxP
         diag = jnp.diag(jtj) + 1e-9 * jnp.max(jnp.diag(jtj)) + 1e-30
-        candidate = theta - jnp.linalg.solve(jtj + damping * jnp.diag(diag), jac_TxP.T @ r)
+        candidate = theta - spd_solve(jtj + damping * jnp.diag(diag), jac_TxP.T @ r)
         r_new, jvp = jax.linearize(residual, candidate)
         new_value = jnp.where(jnp.all(jnp.isfinite(r_new)), r_new @ r_new, jnp.inf)
         better = (new_value < value) & ~done
@@ -247,15 +263,16 @@ def levenberg_marquardt(residual: Callable[[jax.Array], jax.Array], theta0_P: ja
     return jax.lax.scan(step, init, None, length=iters + 1)[0][0]
 
 
-def fit(family: Family, t: Tasks, target_T: jax.Array, eta0: jax.Array, iters: int) -> jax.Array:
-    """Parameters of `family` whose final readout best matches `target_T` (the model's) on `t`,
-    from the best of the family's starting points."""
+def fit(family: Family, t: Tasks, spec: references.RidgeSpectrum, target_T: jax.Array, eta0: jax.Array,
+        iters: int) -> jax.Array:
+    """Parameters of `family` whose final readout best matches `target_T` (the model's) on `t`
+    (`spec`: the tasks' ridge spectra), from the best of the family's starting points."""
     starts = family.starts(eta0, t.x.shape[1])
     if family.n_params == 0:
         return starts[0]
 
     def residual(theta):
-        preds = jax.vmap(family.predict, in_axes=(None, 0, 0, 0))(theta, t.x, t.y, t.xq)
+        preds = jax.vmap(family.predict, in_axes=(None, 0, 0, 0, 0))(theta, t.x, t.y, t.xq, spec)
         return preds[:, -1] - target_T
 
     costs = jax.vmap(lambda th: jnp.sum(residual(th) ** 2))(starts)
@@ -293,41 +310,47 @@ def _stack(trees: list):
 
 
 @functools.partial(jax.jit, static_argnames=("fams", "iters"))
-def _fit_and_score(fit_set: Tasks, fit_target_SxT: jax.Array, scoring: Tasks, model_ev: metrics.Evaluation,
-                   eta0: jax.Array, *, fams: tuple[Family, ...], iters: int) -> dict:
-    """Every family and seed: fit the family to the model, then its agreement with the model on
-    the stacked scoring sets. One program for all families (compiling them apart takes twice as
-    long), cached across calls with the same families and shapes."""
+def _fit_and_score(sets: Tasks, spectra: references.RidgeSpectrum, model_ev: metrics.Evaluation, eta0: jax.Array, *,
+                   fams: tuple[Family, ...], iters: int) -> dict:
+    """Every family and seed: fit the family to the model's final readout on the first of the
+    stacked `sets`, then its agreement with the model on the others. One program for all
+    families (compiling them apart takes twice as long), cached across calls with the same
+    families and shapes; it holds no LAPACK call (see `spd_solve`)."""
+    head = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)  # noqa: E731
+    rest = lambda tree: jax.tree_util.tree_map(lambda a: a[1:], tree)  # noqa: E731
 
-    def one_seed(family, fit_target_T, model_ev):
-        theta = fit(family, fit_set, fit_target_T, eta0, iters)
+    def one_seed(family, model_ev):
+        theta = fit(family, head(sets), head(spectra), model_ev.preds[0, :, -1], eta0, iters)
         predict = functools.partial(family.predict, theta)
-        scores = jax.vmap(lambda t, ev: agreement(ev, metrics.evaluate(predict, t), t.yq))(scoring, model_ev)
-        return {"theta": theta, "scores": scores}
+        score = lambda t, spec, ev: agreement(ev, metrics.evaluate(predict, t, spec), t.yq)  # noqa: E731
+        return {"theta": theta, "scores": jax.vmap(score)(rest(sets), rest(spectra), rest(model_ev))}
 
-    return {f.name: jax.vmap(functools.partial(one_seed, f))(fit_target_SxT, model_ev) for f in fams}
+    return {f.name: jax.vmap(functools.partial(one_seed, f))(model_ev) for f in fams}
 
 
 def fit_and_score(model_fn: ModelFn, fams: list[Family], params_S, sets: dict[str, Tasks], iters: int) -> dict:
     """Fit every family to every seed's model and score it on every set but the fit set.
 
     Returns `{"model_loss": [S, sets, K], "families": {name: {"theta": [S, P], "scores": {metric:
-    [S, sets, K]}}}}`, the scoring sets in the order of `sets`, stacked so that they are traced once.
+    [S, sets, K]}}}}`, the scoring sets in the order of `sets`. The sets are stacked (fit set
+    first) so that each stage is traced once; the model, the ridge spectra and the fits are three
+    programs, so that each holds at most one batched LAPACK call (`references.ridge_spectrum`).
     """
-    fit_set = sets["fit"]
-    scoring = _stack([t for name, t in sets.items() if name != "fit"])
-    eta0 = 1.0 / jnp.mean(fit_set.x**2)
+    names = ["fit", *[name for name in sets if name != "fit"]]
+    stacked = _stack([sets[name] for name in names])
+    eta0 = 1.0 / jnp.mean(sets["fit"].x ** 2)
 
     @jax.jit
-    @functools.partial(jax.vmap, in_axes=(0, None, None))
-    def evaluate_model(params, fit_set, scoring):
-        predict = functools.partial(model_fn, params)
-        fit_preds = jax.vmap(predict)(fit_set.x, fit_set.y, fit_set.xq)[:, -1]
-        return fit_preds, jax.vmap(functools.partial(metrics.evaluate, predict))(scoring)
+    def evaluate_model(params_S, t):
+        evaluate = lambda p, t: metrics.evaluate(functools.partial(model_fn, p), t)  # noqa: E731
+        return jax.vmap(jax.vmap(evaluate, in_axes=(None, 0)), in_axes=(0, None))(params_S, t)
 
-    fit_target, model_ev = evaluate_model(params_S, fit_set, scoring)
-    model_loss = jax.vmap(jax.vmap(metrics.losses))(model_ev, jnp.broadcast_to(scoring.yq, model_ev.preds.shape[:3]))
-    fitted = _fit_and_score(fit_set, fit_target, scoring, model_ev, eta0, fams=tuple(fams), iters=iters)
+    model_ev = evaluate_model(params_S, stacked)
+    spectra = jax.jit(jax.vmap(jax.vmap(references.ridge_spectrum)))(stacked.x, stacked.y)
+    scored_ev = jax.tree_util.tree_map(lambda a: a[:, 1:], model_ev)
+    yq = jnp.broadcast_to(stacked.yq[1:], scored_ev.preds.shape[:3])
+    model_loss = jax.vmap(jax.vmap(metrics.losses))(scored_ev, yq)
+    fitted = _fit_and_score(stacked, spectra, model_ev, eta0, fams=tuple(fams), iters=iters)
     return jax.device_get({"model_loss": model_loss, "families": fitted})
 
 

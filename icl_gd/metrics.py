@@ -23,17 +23,18 @@ class Evaluation(NamedTuple):
     sens: jax.Array
 
 
-def evaluate(predict: Predictor, t: Tasks) -> Evaluation:
-    """Predictions and their gradients with respect to the query input, task by task.
+def evaluate(predict: Predictor, t: Tasks, *per_task) -> Evaluation:
+    """Predictions and their gradients with respect to the query input, task by task
+    (`per_task`: more arrays with a leading task axis, passed to `predict` after `x_q`).
 
     Forward mode: the sensitivity of readout k then depends on the first k layers only, even
     when a later layer overflows (reverse mode would turn `0 * inf` into NaN everywhere).
     """
 
-    def one(x, y, xq):
-        return predict(x, y, xq), jax.jacfwd(predict, argnums=2)(x, y, xq)
+    def one(x, y, xq, *extra):
+        return predict(x, y, xq, *extra), jax.jacfwd(predict, argnums=2)(x, y, xq, *extra)
 
-    preds, sens = jax.vmap(one)(t.x, t.y, t.xq)
+    preds, sens = jax.vmap(one)(t.x, t.y, t.xq, *per_task)
     return Evaluation(preds, sens)
 
 

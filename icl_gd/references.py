@@ -139,16 +139,40 @@ def line_search_eta(t: Tasks, steps: int, eta_max: float) -> GDReference:
     return GDReference(eta=float(eta), loss=float(value))
 
 
-def least_squares_weights(x_Nxd: jax.Array, y_N: jax.Array, lam: float | jax.Array = 0.0) -> jax.Array:
-    """Ridge solution `(X^T X + lam I)^-1 X^T y`; `lam = 0` gives the minimum-norm OLS solution."""
-    if isinstance(lam, (int, float)) and lam == 0:
-        return jnp.linalg.pinv(x_Nxd) @ y_N
-    d = x_Nxd.shape[1]
-    return jnp.linalg.solve(x_Nxd.T @ x_Nxd + lam * jnp.eye(d), x_Nxd.T @ y_N)
+class RidgeSpectrum(NamedTuple):
+    """One task's context through its thin SVD `X = U S V^T`: `vt_Rxd = V^T`, `b_R = S U^T y`
+    and `s2_R = S^2`, so that the ridge solution for every `lam` at once is
+    `w(lam) = V (b / (s^2 + lam))` (`R = min(N, d)`)."""
+
+    s2: jax.Array
+    b: jax.Array
+    vt: jax.Array
+
+
+def ridge_spectrum(x_Nxd: jax.Array, y_N: jax.Array) -> RidgeSpectrum:
+    """The SVD factors of one context that every ridge / OLS solution is read from. Directions
+    with singular values below `jnp.linalg.pinv`'s cutoff are dropped (`b = 0`, `s2 = 1`).
+
+    One SVD per task serves OLS, ridge at any `lam` and its derivatives. On CPU, keep batched
+    LAPACK calls (this SVD, `jnp.linalg.solve`) to one at a time in a compiled program: jaxlib's
+    batched LAPACK kernels fan out into XLA's intra-op thread pool and block until it is done, so
+    two of them running side by side can hold every pool thread of a 2-core machine and wait
+    for each other forever.
+    """
+    u, s, vt = jnp.linalg.svd(x_Nxd, full_matrices=False)
+    keep = s > 10 * max(x_Nxd.shape) * jnp.finfo(s.dtype).eps * s[0]
+    return RidgeSpectrum(jnp.where(keep, s**2, 1.0), jnp.where(keep, s * (u.T @ y_N), 0.0), vt)
+
+
+def ridge_from_spectrum(spec: RidgeSpectrum, xq_d: jax.Array, lam: float | jax.Array = 0.0) -> jax.Array:
+    """`x_q^T (X^T X + lam I)^-1 X^T y`; `lam = 0` is the minimum-norm least-squares solution
+    (`pinv(X) y`). Differentiable in `lam` and `x_q`."""
+    return (spec.vt @ xq_d) @ (spec.b / (spec.s2 + lam))
 
 
 def ridge_predict(x_Nxd, y_N, xq_d, lam=0.0) -> jax.Array:
-    return (least_squares_weights(x_Nxd, y_N, lam) @ xq_d)[None]
+    """Ridge (`lam > 0`) or OLS (`lam = 0`) fitted on the context, read out at the query: `[1]`."""
+    return ridge_from_spectrum(ridge_spectrum(x_Nxd, y_N), xq_d, lam)[None]
 
 
 def bayes_ridge_lambda(noise_std: float, w_std: float) -> float:
