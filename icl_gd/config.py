@@ -88,9 +88,9 @@ class EvalConfig:
     n_tasks: int = 10_000
     seed: int = 1234
     line_search_tasks: int = 100_000
-    gdpp_steps: int = 1000
-    gdpp_batch: int = 2048
-    gdpp_lr: float = 1e-2
+    gdpp_steps: int = 1000  # GD++ fit (references.fit_gdpp): Adam steps, from every start at once
+    gdpp_batch: int = 512
+    gdpp_lr: float = 0.05  # relative: steps of any size move by the same factor
     extrapolate_to: int = 50  # depth_extrapolation: iterations of a trained recurrent layer
     damping: float = 1.0  # depth_extrapolation: each iteration's update is scaled by this
 
