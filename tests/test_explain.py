@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from icl_gd import analyses, cli, config, explain, models, references
+from icl_gd import analyses, cli, config, explain, metrics, models, references
 
 DIM, N, TASKS, ITERS = 4, 8, 256, 30  # the shape of conftest's tiny_run, so compiled fits are shared
 CLEAR = 10.0  # BIC difference read as very strong evidence (Kass & Raftery 1995)
@@ -137,3 +137,25 @@ def test_cli_explain_writes_once_and_refuses_bad_input(tiny_run, tmp_path):
 
 def test_explain_is_a_registered_analysis():
     assert "explain" in analyses.REGISTRY
+
+
+def test_spd_solve_matches_numpy():
+    m = jax.random.normal(jax.random.key(0), (7, 7))
+    a, b = m @ m.T + 0.1 * jnp.eye(7), jax.random.normal(jax.random.key(1), (7,))
+    np.testing.assert_allclose(explain.spd_solve(a, b), np.linalg.solve(np.asarray(a, np.float64), np.asarray(b)),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_fit_program_holds_no_lapack_call():
+    """Batched LAPACK calls side by side deadlock XLA's CPU pool (`references.ridge_spectrum`): the
+    program that fits every family at once must hold none."""
+    fams, _ = explain.families(DIM, 2)
+    sets = explain.task_sets(OmegaConf.structured(TASK), jax.random.key(0), 64)
+    stacked = explain._stack(list(sets.values()))
+    spectra = jax.vmap(jax.vmap(references.ridge_spectrum))(stacked.x, stacked.y)
+    model = functools.partial(references.gd_direct, etas_K=jnp.array([2.0, 2.0]))
+    model_ev = jax.vmap(lambda t: metrics.evaluate(model, t))(stacked)
+    seeds = jax.tree_util.tree_map(lambda a: a[None], model_ev)
+    text = explain._fit_and_score.lower(stacked, spectra, seeds, jnp.float32(1.0), fams=tuple(fams), iters=2).as_text()
+    assert "lapack" not in text.lower()
+    assert "lapack" in jax.jit(jnp.linalg.solve).lower(jnp.eye(3), jnp.ones(3)).as_text().lower()  # the check can fail

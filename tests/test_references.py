@@ -109,6 +109,26 @@ def test_ridge_and_ols_match_numpy(small_tasks):
         assert float(references.ridge_predict(t.x[i], t.y[i], t.xq[i], 0.5)[0]) == pytest.approx(ridge, rel=1e-4)
 
 
+def test_ols_is_minimum_norm_with_fewer_points_than_dimensions():
+    t = tasks.sample_linear(jax.random.key(5), 5, dim=8, n_context=3)
+    for i in range(5):
+        x, y, xq = map(np.asarray, (t.x[i], t.y[i], t.xq[i]))
+        assert float(references.ridge_predict(t.x[i], t.y[i], t.xq[i])[0]) == pytest.approx(
+            np.linalg.pinv(x) @ y @ xq, rel=1e-4, abs=1e-6)
+
+
+def test_ridge_spectrum_serves_every_lambda(small_tasks):
+    """One SVD per task gives ridge at any lambda, and its derivative in lambda."""
+    x, y, xq = small_tasks.x[0], small_tasks.y[0], small_tasks.xq[0]
+    spec = references.ridge_spectrum(x, y)
+    for lam in (0.01, 0.3, 4.0):
+        direct = np.linalg.solve(np.asarray(x.T @ x) + lam * np.eye(6), np.asarray(x.T @ y)) @ np.asarray(xq)
+        assert float(references.ridge_from_spectrum(spec, xq, lam)) == pytest.approx(direct, rel=1e-4)
+    slope = jax.grad(lambda lam: references.ridge_from_spectrum(spec, xq, lam))(0.3)
+    finite = (references.ridge_from_spectrum(spec, xq, 0.3 + 1e-2) - references.ridge_from_spectrum(spec, xq, 0.3 - 1e-2)) / 2e-2
+    assert float(slope) == pytest.approx(float(finite), rel=1e-3)
+
+
 def test_bayes_ridge_lambda():
     assert references.bayes_ridge_lambda(0.5, 2.0) == pytest.approx(0.0625)
 
