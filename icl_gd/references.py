@@ -7,7 +7,7 @@ LSA constructions against it.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -208,9 +208,11 @@ def gdpp_starts(steps: int, shared: bool) -> tuple[jax.Array, jax.Array]:
 
 
 def fit_gdpp(sample: Callable, steps: int, shared: bool, eta_init: float, key: jax.Array, *, dim: int,
-             n_context: int, train_steps: int, batch: int, lr: float, eval_tasks: Tasks) -> GDPP:
+             n_context: int, train_steps: int, batch: int, lr: float, eval_tasks: Tasks,
+             starts: Optional[tuple[jax.Array, jax.Array]] = None) -> GDPP:
     """Train GD++'s `(eta_k, gamma_k)` by Adam on the task loss (SPEC section 4), compiled as one
-    scan over fresh batches, from every start of `gdpp_starts` at once (vmapped, same batches);
+    scan over fresh batches, from every start (`(u, v)` pairs `[C, n]`, default `gdpp_starts`) at
+    once (vmapped, same batches);
     keep the start whose result has the lowest loss on fresh tasks of its own. Parametrised as
     `eta_k = eta_init exp(u_k)`, `gamma_k = eta_init v_k` so that one learning rate moves steps of
     any size by the same relative amount; cosine-decayed learning rate. `shared` ties the scalars
@@ -229,7 +231,7 @@ def fit_gdpp(sample: Callable, steps: int, shared: bool, eta_init: float, key: j
     grad_fn = jax.vmap(jax.value_and_grad(batch_loss), in_axes=(0, None))
 
     def run(key):
-        u, v = gdpp_starts(steps, shared)
+        u, v = gdpp_starts(steps, shared) if starts is None else starts
         params = {"u": u, "v": v}
 
         def step(carry, i):
