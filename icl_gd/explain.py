@@ -235,9 +235,9 @@ def levenberg_marquardt(residual: Callable[[jax.Array], jax.Array], theta0_P: ja
     """Minimise `sum(residual(theta)^2)` (`residual: [P] -> [n_tasks]`) by damped Gauss-Newton,
     compiled as one scan of `iters` steps: a step is kept only if it lowers the cost (the damping
     then shrinks), else the damping grows (Marquardt's scaling by `diag(J^T J)`). Frozen once a
-    kept step gains less than 1e-7 of the cost (a scan, not a while loop: XLA's CPU runtime was
-    seen to hang on these vmapped while loops); families linear in their parameters
-    converge in one step. The residual and its Jacobian are computed once per step, at the
+    kept step gains less than 1e-7 of the cost (a fixed-length scan: under `vmap` over seeds and
+    families a while loop would run until the slowest one converges anyway); families linear in
+    their parameters converge in one step. The residual and its Jacobian are computed once per step, at the
     candidate; the loop starts from a zero Jacobian and infinite cost, so that its first candidate
     is `theta0` itself."""
     n_params = theta0_P.shape[0]
