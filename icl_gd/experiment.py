@@ -70,9 +70,12 @@ def _evaluate_steps(weights: models.Weights, layers: int, eval_tasks: tasks.Task
     return jax.jit(lambda w, t: metrics.evaluate(functools.partial(models.forward, arch, w), t))(weights, eval_tasks)
 
 
-def _ridge_loss(t: tasks.Tasks, lam: float) -> float:
-    preds = jax.jit(jax.vmap(functools.partial(references.ridge_predict, lam=lam)))(t.x, t.y, t.xq)
-    return float(references.loss(preds[:, 0], t.yq))
+@jax.jit
+def _ols_ridge_losses(t: tasks.Tasks, lam: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """OLS and ridge losses on `t`, both read from one SVD per task (`references.ridge_spectrum`)."""
+    spec = jax.vmap(references.ridge_spectrum)(t.x, t.y)
+    ridge_at = jax.vmap(references.ridge_from_spectrum, in_axes=(0, 0, None))
+    return references.loss(ridge_at(spec, t.xq, 0.0), t.yq), references.loss(ridge_at(spec, t.xq, lam), t.yq)
 
 
 def evaluation_tasks(cfg: DictConfig, **changes) -> tasks.Tasks:
@@ -109,6 +112,7 @@ def compute_references(cfg: DictConfig) -> References:
                                    lr=ev.gdpp_lr, eval_tasks=eval_tasks)
     gdpp_eval = _evaluate_steps(references.gdpp_weights(gdpp.etas, gdpp.gammas, input_dim, t.n_context), layers, eval_tasks)
     lam = references.bayes_ridge_lambda(t.noise_std, t.w_std)
+    ols_loss, ridge_loss = _ols_ridge_losses(eval_tasks, lam)
     return References(
         eval_tasks=eval_tasks,
         layers=layers,
@@ -119,9 +123,9 @@ def compute_references(cfg: DictConfig) -> References:
         gdpp=gdpp._replace(loss=float(metrics.losses(gdpp_eval, eval_tasks.yq)[-1])),
         gdpp_shared=shared,
         gdpp_eval=gdpp_eval,
-        ols_loss=_ridge_loss(eval_tasks, 0.0),
+        ols_loss=float(ols_loss),
         ridge_lambda=lam,
-        ridge_loss=_ridge_loss(eval_tasks, lam),
+        ridge_loss=float(ridge_loss),
     )
 
 

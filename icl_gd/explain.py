@@ -235,10 +235,10 @@ def levenberg_marquardt(residual: Callable[[jax.Array], jax.Array], theta0_P: ja
     """Minimise `sum(residual(theta)^2)` (`residual: [P] -> [n_tasks]`) by damped Gauss-Newton,
     compiled as one scan of `iters` steps: a step is kept only if it lowers the cost (the damping
     then shrinks), else the damping grows (Marquardt's scaling by `diag(J^T J)`). Frozen once a
-    kept step gains less than 1e-7 of the cost (a fixed-length scan: under `vmap` over seeds and
-    families a while loop would run until the slowest one converges anyway); families linear in
-    their parameters converge in one step. The residual and its Jacobian are computed once per step, at the
-    candidate; the loop starts from a zero Jacobian and infinite cost, so that its first candidate
+    kept step gains less than 1e-7 of the cost (a fixed-length scan: under `vmap` over seeds a
+    while loop would run until the slowest one converges anyway); families linear in their
+    parameters converge in one step. The residual and its Jacobian are computed once per step, at
+    the candidate; the loop starts from a zero Jacobian and infinite cost, so that its first candidate
     is `theta0` itself."""
     n_params = theta0_P.shape[0]
     eye = jnp.eye(n_params, dtype=theta0_P.dtype)
@@ -309,6 +309,11 @@ def _stack(trees: list):
     return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
+# The ridge spectra of stacked task sets `[sets, T]`: the one batched SVD of explain, in a program
+# of its own (see `references.ridge_spectrum`).
+_spectra = jax.jit(jax.vmap(jax.vmap(references.ridge_spectrum)))
+
+
 @functools.partial(jax.jit, static_argnames=("fams", "iters"))
 def _fit_and_score(sets: Tasks, spectra: references.RidgeSpectrum, model_ev: metrics.Evaluation, eta0: jax.Array, *,
                    fams: tuple[Family, ...], iters: int) -> dict:
@@ -346,7 +351,7 @@ def fit_and_score(model_fn: ModelFn, fams: list[Family], params_S, sets: dict[st
         return jax.vmap(jax.vmap(evaluate, in_axes=(None, 0)), in_axes=(0, None))(params_S, t)
 
     model_ev = evaluate_model(params_S, stacked)
-    spectra = jax.jit(jax.vmap(jax.vmap(references.ridge_spectrum)))(stacked.x, stacked.y)
+    spectra = _spectra(stacked.x, stacked.y)
     scored_ev = jax.tree_util.tree_map(lambda a: a[:, 1:], model_ev)
     yq = jnp.broadcast_to(stacked.yq[1:], scored_ev.preds.shape[:3])
     model_loss = jax.vmap(jax.vmap(metrics.losses))(scored_ev, yq)
