@@ -10,7 +10,7 @@ EXPERIMENTS := single_layer recurrent multi_layer depth_extrapolation softmax la
 	ood distractors label_noise sine classic_tokens
 STAMP_TIME := $(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: venv run test bench baselines explain clean-venv $(EXPERIMENTS)
+.PHONY: venv run test lint bench baselines explain clean-venv $(EXPERIMENTS)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## Static checks, offline (config in pyproject.toml): lint, format, types (icl_gd/ only), import contracts.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/basedpyright icl_gd
+	$(BIN)/lint-imports --no-cache --no-logo
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_train.py $(ARGS)

@@ -1,11 +1,11 @@
-"""Post-training analyses of a finished run directory, by name.
+"""Post-training analyses of a trained run, by name.
 
-An analysis is a function `run_dir -> dict` that reads the run (`runs.load_params`, its
-config and metrics), writes its own files under `run_dir/analyses/<name>/` and returns a
-JSON-ready summary, stored in `summary.json` under `analyses.<name>`. Experiments list the
-analyses to run after training in `analyses: [...]`; `icl-gd analyze RUN_DIR NAME` runs one
-later. `explain` (issue 5, numerics in `icl_gd.explain`) writes `RUN_DIR/explain/`, the folder
-`icl-gd explain` writes and `icl-gd compare` reads.
+An analysis is a registered function `runs.Trained -> dict`: it reads the run in memory (config,
+task, model, parameters of every seed, summary with the fitted references), writes the files it
+promises under the run directory and returns a JSON-ready summary, stored in `summary.json`
+under `analyses.<name>`. `icl-gd train` runs the experiment's `analyses: [...]` on the run it
+holds; `icl-gd analyze RUN_DIR NAME` loads a finished run with `runs.load` and runs one.
+`explain` (numerics in `icl_gd.explain`) writes `RUN_DIR/explain/`, which `icl-gd compare` reads.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -24,21 +25,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from flax import nnx
+from omegaconf import DictConfig
 
 from icl_gd import explain as explain_lib
-from icl_gd import metrics, models, plots, references, runs, tasks, tokens
+from icl_gd import metrics, models, plots, references, runs, tasks
+from icl_gd.config import ConfigError
 
-Analysis = Callable[[Path], dict]
+
+@dataclass(frozen=True)
+class Analysis:
+    """`run(trained) -> dict`; `applies(cfg)`: None, or the one-line reason it does not apply to
+    a config; `files`: what it writes, relative to the run directory."""
+
+    run: Callable[[runs.Trained], dict]
+    applies: Callable[[DictConfig], Optional[str]]
+    files: tuple[str, ...]
+
+
 REGISTRY: dict[str, Analysis] = {}
 
 
-def register(name: str) -> Callable[[Analysis], Analysis]:
-    def add(fn: Analysis) -> Analysis:
-        REGISTRY[name] = fn
+def register(name: str, files: tuple[str, ...], applies: Callable[[DictConfig], Optional[str]] = lambda cfg: None):
+    def add(fn: Callable[[runs.Trained], dict]) -> Callable[[runs.Trained], dict]:
+        REGISTRY[name] = Analysis(fn, applies, files)
         return fn
 
     return add
+
+
+def check(cfg: DictConfig, names: Optional[Sequence[str]] = None) -> None:
+    """Raise ConfigError, naming the field, if an analysis (default: the config's `analyses`) is
+    unknown or does not apply to the config; run before any work."""
+    allowed = f"a list of {', '.join(sorted(REGISTRY))}"
+    for name in cfg.analyses if names is None else names:
+        if name not in REGISTRY:
+            raise ConfigError(f"analyses: got {name!r}; allowed: {allowed}")
+        reason = REGISTRY[name].applies(cfg)
+        if reason is not None:
+            raise ConfigError(f"analyses: got {name!r}; allowed: {reason}")
 
 
 def output_dir(run_dir: Path, name: str) -> Path:
@@ -47,23 +71,17 @@ def output_dir(run_dir: Path, name: str) -> Path:
     return path
 
 
-def run(name: str, run_dir: Path) -> dict:
-    """Run analysis `name` on `run_dir` and record its result in the run's summary."""
-    result = REGISTRY[name](Path(run_dir))
-    summary = runs.load_summary(run_dir)
-    summary.setdefault("analyses", {})[name] = result
-    runs.write_json(Path(run_dir) / runs.SUMMARY_FILE, summary)
+def run(name: str, trained: runs.Trained) -> dict:
+    """Run analysis `name` on a trained run and record its result in the run's summary."""
+    result = REGISTRY[name].run(trained)
+    trained.summary.setdefault("analyses", {})[name] = result
+    runs.write_json(Path(trained.run_dir) / runs.SUMMARY_FILE, trained.summary)
     return result
 
 
-def _seed_predictions(graphdef, params, t) -> jax.Array:
-    """Final readout of every seed's trained model on tasks `t`: `[S, T]`."""
-
-    def one(p):
-        model = nnx.merge(graphdef, p)
-        return models.predict_batch(model.arch, model.weights(), t.x, t.y, t.xq)[:, -1]
-
-    return jax.vmap(one)(params)
+def run_all(trained: runs.Trained) -> dict:
+    """The analyses the run's config lists, in order."""
+    return {name: run(name, trained) for name in trained.cfg.analyses}
 
 
 def _table(out: Path, name: str, rows: list[dict]) -> None:
@@ -71,43 +89,53 @@ def _table(out: Path, name: str, rows: list[dict]) -> None:
     runs.write_json(out / f"{name}.json", {"rows": rows})
 
 
-# Out-of-distribution evaluation (SPEC section 1): shifts of the training task law.
+def _final_predictions(trained: runs.Trained, t: tasks.Tasks) -> jax.Array:
+    """Final readout of every seed's trained model on regression tasks `t`: `[S, T]`."""
+    tokens = trained.task.batch(t).tokens
+    return jax.vmap(lambda p: trained.model.predict(p, tokens)[:, -1, 0, 0])(trained.params)
+
+
+def _eval_key(cfg: DictConfig, index: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(int(cfg.eval.seed)), index)
+
+
+def _kind(name: str, kinds: tuple[str, ...]) -> Callable[[DictConfig], Optional[str]]:
+    return lambda cfg: None if cfg.task.kind in kinds else f"{name} only with task={' or task='.join(kinds)}"
+
+
+# Out-of-distribution evaluation (docs/science.md section 1): shifts of the training task law.
 INPUT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 WEIGHT_SCALES = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0)
 INPUT_LAWS = ("uniform", "gaussian", "laplace", "exponential")
 
 
-def ood_shifts(task_cfg) -> list[tuple[str, float | str, dict]]:
-    """`(family, value, sampler changes)` for each shift: inputs scaled by a factor, weights scaled
-    by a factor, and inputs from each law at the training inputs' variance."""
-    var = tasks.input_law(task_cfg.x_dist, task_cfg.x_scale).var
+def ood_shifts(task) -> list[tuple[str, float | str, dict]]:
+    """`(family, value, changes)` for each shift of a linear task: inputs scaled by a factor,
+    weights scaled by a factor, and inputs from each law at the training inputs' variance."""
+    var = tasks.input_law(task.x_dist, task.x_scale).var
     return (
-        [("input_scale", c, {"x_scale": c * task_cfg.x_scale}) for c in INPUT_SCALES]
-        + [("weight_scale", c, {"w_std": c * task_cfg.w_std}) for c in WEIGHT_SCALES]
+        [("input_scale", c, {"x_scale": c * task.x_scale}) for c in INPUT_SCALES]
+        + [("weight_scale", c, {"w_std": c * task.w_std}) for c in WEIGHT_SCALES]
         + [("input_law", law, {"x_dist": law, "x_scale": math.sqrt(var / tasks.input_law(law, 1.0).var)})
            for law in INPUT_LAWS]
     )
 
 
-@register("ood")
-def ood(run_dir: Path) -> dict:
+@register("ood", files=("analyses/ood/ood.csv", "analyses/ood/ood.json", "analyses/ood/ood.png",
+                        "analyses/ood/ood.pdf"), applies=_kind("ood", ("linear",)))
+def ood(trained: runs.Trained) -> dict:
     """Loss under each shift of `ood_shifts`, applied to the draws of the run's evaluation set (so
     the unshifted rows repeat the run's final losses), for the trained model (every seed) and the
     run's references: GD with its line-searched eta, GD++ with its fitted `(eta_k, gamma_k)` (both
-    fitted on the training law), OLS and ridge (Bayes-optimal lambda of the training law).
-    Writes `ood.csv`, `ood.json` and `ood.png/pdf`."""
-    from icl_gd import experiment  # experiment imports this module
-
-    cfg, graphdef, params = runs.load_params(run_dir)
-    if cfg.task.kind != "linear":
-        raise ValueError("analysis ood: needs linear regression tasks (task.kind=linear)")
-    refs = runs.load_summary(run_dir)["references"]
+    fitted on the training law), OLS and ridge (Bayes-optimal lambda of the training law)."""
+    cfg, refs = trained.cfg, trained.summary["references"]
     steps = int(cfg.model.layers)
     etas = jnp.full((steps,), refs["gd"]["eta"])
     gdpp_etas, gdpp_gammas = (jnp.broadcast_to(jnp.asarray(refs["gdpp"][k]), (steps,)) for k in ("etas", "gammas"))
     lam = refs["ridge"]["lambda"]
+
     def per_task(x, y, xq):
-        spec = references.ridge_spectrum(x, y)  # one SVD for OLS and ridge (see ridge_spectrum)
+        spec = references.ridge_spectrum(x, y)  # one SVD for OLS and ridge (see references.linalg)
         return {"gd": references.gd_direct(x, y, xq, etas)[-1],
                 "gdpp": references.gdpp_direct(x, y, xq, gdpp_etas, gdpp_gammas)[-1],
                 "ols": references.ridge_from_spectrum(spec, xq), "ridge": references.ridge_from_spectrum(spec, xq, lam)}
@@ -115,111 +143,122 @@ def ood(run_dir: Path) -> dict:
     @jax.jit
     def shifted_losses(t):
         out = {name: references.loss(preds, t.yq) for name, preds in jax.vmap(per_task)(t.x, t.y, t.xq).items()}
-        out["model"] = jax.vmap(lambda p: references.loss(p, t.yq))(_seed_predictions(graphdef, params, t))
+        out["model"] = jax.vmap(lambda p: references.loss(p, t.yq))(_final_predictions(trained, t))
         return out
 
     rows = []
-    for family, value, changes in ood_shifts(cfg.task):
-        host = jax.device_get(shifted_losses(experiment.evaluation_tasks(cfg, **changes)))
+    for family, value, changes in ood_shifts(trained.task):
+        shifted = trained.task.shifted(**changes).draw(_eval_key(cfg, 0), int(cfg.eval.n_tasks))
+        host = jax.device_get(shifted_losses(shifted))
         model = metrics.mean_ci95(host.pop("model"))
         rows.append({"shift": family, "value": value, "model": model["mean"], "model_lo": model["ci95"][0],
                      "model_hi": model["ci95"][1], **{k: float(v) for k, v in host.items()}})
-    out = output_dir(run_dir, "ood")
+    out = output_dir(trained.run_dir, "ood")
     _table(out, "ood", rows)
     plots.ood_curves(pd.DataFrame(rows), out / "ood")
     return {"rows": rows}
 
 
-# Non-linear regression through the input MLP (SPEC section 1): "MLP + GD" and the partial cos.
+# Non-linear regression through the input MLP (docs/science.md sections 1 and 9): "MLP + GD".
 SINE_EXAMPLES = 4
 SINE_GRID = 200
 
 
-def _feature_tasks(weights: models.Weights, t: tasks.Tasks) -> tasks.Tasks:
+def _feature_tasks(embed: models.MLP, t: tasks.Tasks) -> tasks.Tasks:
     """The tasks seen through the input MLP: features `phi(x)` in place of the inputs."""
-    return t._replace(x=models.embed_inputs(weights, t.x), xq=models.embed_inputs(weights, t.xq))
+    return t._replace(x=models.mlp(t.x, embed), xq=models.mlp(t.xq, embed))
 
 
-def mlp_gd(arch: models.Architecture, weights: models.Weights, eval_tasks: tasks.Tasks, search_tasks: tasks.Tasks,
-           steps: int) -> dict[str, jax.Array]:
+def on_features(arch: models.Architecture, task: tasks.Regression, features: int) -> tuple[models.Architecture,
+                                                                                           tasks.Regression]:
+    """The model's attention layers as a model of their own, on tasks whose inputs are the features."""
+    feature_task = dataclasses.replace(task, dim=features)
+    return dataclasses.replace(arch, layout=feature_task.layout, input_mlp=False), feature_task
+
+
+def mlp_gd(arch: models.Architecture, task: tasks.Regression, weights: models.Weights, eval_tasks: tasks.Tasks,
+           search_tasks: tasks.Tasks, steps: int) -> dict[str, jax.Array]:
     """A model with an input MLP against "MLP + GD": `steps` GD steps on its own learned features
     `phi(x)`, `eta` line-searched on `search_tasks` seen through the same features. Returns both
     losses, the eta, OLS on the features, preds diff and the partial cos: the cosine between the
     sensitivities `d y_hat / d phi(x_q)` of the model's attention layers and of GD on the
     features, i.e. the model cos restricted to what GD on the learned features can express (the
     input MLP shared by both is factored out)."""
-    on_features = dataclasses.replace(arch, input_mlp=False)
-    search = _feature_tasks(weights, search_tasks)
+    assert weights.embed is not None
+    search = _feature_tasks(weights.embed, search_tasks)
     n_context = search.x.shape[-2]
     eta_max = 2.0 * n_context / jnp.mean(jnp.sum(search.x**2, -1))
     eta, _ = references.minimize_scalar(lambda e: references.gd_loss(jnp.full((steps,), e), search), 0.0, eta_max)
-    feats = _feature_tasks(weights, eval_tasks)
-    model_ev = metrics.evaluate(functools.partial(models.forward, on_features, weights), feats)
-    gd_ev = metrics.evaluate(lambda x, y, xq: references.gd_direct(x, y, xq, jnp.full((steps,), eta))[-1:], feats)
+    feats = _feature_tasks(weights.embed, eval_tasks)
+    feature_arch, feature_task = on_features(arch, task, feats.x.shape[-1])
+    attention_only = weights._replace(embed=None)
+    model_ev = metrics.evaluate_tasks(functools.partial(models.regression_readout, feature_arch, attention_only,
+                                                        feature_task), feats)
+    gd_ev = metrics.evaluate_tasks(lambda x, y, xq: references.gd_direct(x, y, xq, jnp.full((steps,), eta))[-1:], feats)
     ols = jax.vmap(references.ridge_predict)(feats.x, feats.y, feats.xq)[:, 0]
-    align = {k: v[-1] for k, v in metrics.alignment(model_ev, gd_ev).items()}
-    return {"loss": metrics.losses(model_ev, eval_tasks.yq)[-1], "mlp_gd_loss": metrics.losses(gd_ev, eval_tasks.yq)[0],
+    align = metrics.alignment(model_ev, gd_ev)
+    yq = eval_tasks.yq[:, None, None]
+    return {"loss": metrics.losses(model_ev, yq)[-1], "mlp_gd_loss": metrics.losses(gd_ev, yq)[0],
             "mlp_gd_eta": eta, "mlp_ols_loss": references.loss(ols, eval_tasks.yq),
-            "preds_diff": align["preds_diff"], "partial_cos": align["model_cos"]}
+            "preds_diff": align["preds_diff"][-1], "partial_cos": align["model_cos"][-1]}
 
 
-@register("sine")
-def sine(run_dir: Path) -> dict:
+@register("sine", files=tuple(f"analyses/sine/sine.{s}" for s in ("csv", "json", "png", "pdf")),
+          applies=lambda cfg: None if cfg.model.input_mlp else "sine only with model.input_mlp=true")
+def sine(trained: runs.Trained) -> dict:
     """`mlp_gd` for every seed of a run with an input MLP, on its evaluation set (eta searched on
-    its line-search set), and example fits with the learned features. Writes `sine.csv/json/png/pdf`."""
-    cfg, graphdef, params = runs.load_params(run_dir)
-    if not cfg.model.input_mlp:
-        raise ValueError("analysis sine: needs a model with an input MLP (model.input_mlp=true)")
-    ev, steps = cfg.eval, int(cfg.model.layers)
-    sample = tasks.sampler(cfg.task)
-    eval_key = jax.random.key(ev.seed)
-    eval_tasks = sample(jax.random.fold_in(eval_key, 0), ev.n_tasks)
-    search_tasks = sample(jax.random.fold_in(eval_key, 1), ev.line_search_tasks)
+    its line-search set), and example fits with the learned features."""
+    cfg, task, model = trained.cfg, trained.task, trained.model
+    steps = int(cfg.model.layers)
+    eval_tasks = task.draw(_eval_key(cfg, 0), int(cfg.eval.n_tasks))
+    search_tasks = task.draw(_eval_key(cfg, 1), int(cfg.eval.line_search_tasks))
 
     def per_seed(p):
-        model = nnx.merge(graphdef, p)
-        return mlp_gd(model.arch, model.weights(), eval_tasks, search_tasks, steps)
+        return mlp_gd(model.arch, task, model.weights(p), eval_tasks, search_tasks, steps)
 
-    per = jax.device_get(jax.jit(jax.vmap(per_seed))(params))
+    per = jax.device_get(jax.jit(jax.vmap(per_seed))(trained.params))
     rows = [{"seed": s, **{k: float(v[s]) for k, v in per.items()}} for s in range(int(cfg.train.seeds))]
-    out = output_dir(run_dir, "sine")
+    out = output_dir(trained.run_dir, "sine")
     _table(out, "sine", rows)
     grid = jnp.linspace(-5.0, 5.0, SINE_GRID)
-    plots.sine_fits(*jax.device_get(_sine_curves(graphdef, params, eval_tasks, grid, per["mlp_gd_eta"][0], steps)),
-                    np.asarray(grid), out / "sine")
+    curves = _sine_curves(trained, eval_tasks, grid, per["mlp_gd_eta"][0], steps)
+    plots.sine_fits(*jax.device_get(curves), np.asarray(grid), out / "sine")
     return {name: metrics.mean_ci95(per[name]) for name in per}
 
 
-def _sine_curves(graphdef, params, t: tasks.Tasks, grid: jax.Array, eta, steps: int):
+def _sine_curves(trained: runs.Trained, t: tasks.Tasks, grid: jax.Array, eta, steps: int):
     """For the first seed and `SINE_EXAMPLES` tasks: the model's and MLP + GD's predictions at
     every query on `grid`, the context points, and the learned features on `grid`."""
-    model = nnx.merge(graphdef, jax.tree_util.tree_map(lambda a: a[0], params))
-    weights = model.weights()
+    weights = trained.model.weights(trained.seed(0))
+    assert weights.embed is not None
     ex = jax.tree_util.tree_map(lambda a: a[:SINE_EXAMPLES], t)
     xq_G = grid[:, None]
+    readout = functools.partial(models.regression_readout, trained.model.arch, weights, trained.task)
 
     def curves(x, y):
-        feats, feats_q = models.embed_inputs(weights, x), models.embed_inputs(weights, xq_G)
-        net = jax.vmap(lambda xq: models.forward(model.arch, weights, x, y, xq)[-1])(xq_G)
+        feats, feats_q = models.mlp(x, weights.embed), models.mlp(xq_G, weights.embed)
+        net = jax.vmap(lambda xq: readout(x, y, xq)[-1])(xq_G)
         gd = jax.vmap(lambda fq: references.gd_direct(feats, y, fq, jnp.full((steps,), eta))[-1])(feats_q)
         return net, gd
 
     net, gd = jax.vmap(curves)(ex.x, ex.y)
-    return net, gd, ex.x[..., 0], ex.y, models.embed_inputs(weights, xq_G)
+    return net, gd, ex.x[..., 0], ex.y, models.mlp(xq_G, weights.embed)
 
 
-# Classic tokens (SPEC section 2): does the first (causal softmax) layer learn to copy?
+# Classic tokens (docs/science.md section 2): does the first (causal softmax) layer learn to copy?
 COPY_TASKS = 256
 
 
-def token_dependence(weights: models.Weights, layout: tokens.Layout, seq_MxD: jax.Array) -> jax.Array:
+def token_dependence(copy: models.Attention, positions: int, seq_MxD: jax.Array) -> jax.Array:
     """`[M, M]`: Frobenius norm of `d update_j / d content_i`, the copy layer's update of token j
-    (its output minus its input) against the data part `(x, y)` of token i (positions held fixed)."""
-    content, pos = seq_MxD[:, : seq_MxD.shape[1] - layout.positions], seq_MxD[:, seq_MxD.shape[1] - layout.positions:]
+    (its output minus its input) against the data part `(x, y)` of token i (the last `positions`
+    coordinates, one-hot positions, held fixed)."""
+    width = seq_MxD.shape[1] - positions
+    content, pos = seq_MxD[:, :width], seq_MxD[:, width:]
 
     def update(c):
         seq = jnp.concatenate([c, pos], axis=-1)
-        return models.copy_layer(weights, seq) - seq
+        return models.copy_layer(copy, seq) - seq
 
     jac = jax.jacrev(update)(content)  # [M, D, M, C]
     return jnp.sqrt(jnp.sum(jac**2, axis=(1, 3)))
@@ -250,45 +289,40 @@ def copy_fit(updates_TxD: jax.Array, x_Txd: jax.Array) -> tuple[jax.Array, jax.A
     return r2, jnp.linalg.svd(coef[:-1], compute_uv=False)
 
 
-@register("copy")
-def copy_dependence(run_dir: Path) -> dict:
+@register("copy", files=tuple(f"analyses/copy/copy.{s}" for s in ("csv", "json", "png", "pdf")),
+          applies=lambda cfg: None if cfg.task.get("tokens") is not None and cfg.task.tokens.name == "classic"
+          else "copy only with task.tokens=classic")
+def copy_dependence(trained: runs.Trained) -> dict:
     """Classic tokens: how much the first layer's update of each token depends on the token
     itself, on its left neighbour and on the rest (Jacobian norms, `token_dependence`), and how
     much of the label tokens' update is a linear function of their inputs `x_i` (`copy_r2`) and
     the singular values of that map per seed (`copy_singular_values`: a full copy has `d` of
     comparable size, a low-rank one copies only some directions of `x_i`). A copying layer gives
-    label tokens a neighbour share and `copy_r2` near 1.
-    Writes `copy.csv/json/png/pdf`."""
-    cfg, graphdef, params = runs.load_params(run_dir)
-    layout = tokens.Layout.from_config(cfg.task, cfg.model)
-    if layout.kind != "classic":
-        raise ValueError("analysis copy: needs classic tokens (task.tokens=classic)")
-    d = int(cfg.model.input_mlp_features) if cfg.model.input_mlp else int(cfg.task.dim)
-    t = tasks.sampler(cfg.task)(jax.random.fold_in(jax.random.key(cfg.eval.seed), 0), COPY_TASKS)
+    label tokens a neighbour share and `copy_r2` near 1."""
+    cfg, task, arch = trained.cfg, trained.task, trained.model.arch
+    t = task.draw(_eval_key(cfg, 0), COPY_TASKS)
+    batch = task.batch(t)
+    positions = task.layout.length if arch.positional else 0
 
     def per_seed(p):
-        model = nnx.merge(graphdef, p)
-        weights = model.weights()
+        weights = trained.model.weights(p)
+        assert weights.copy is not None
+        seqs = jax.vmap(functools.partial(models.embed, arch, weights))(batch.tokens)
+        norms = jax.lax.map(functools.partial(token_dependence, weights.copy, positions), seqs, batch_size=32).mean(0)
+        moved = (jax.vmap(functools.partial(models.copy_layer, weights.copy))(seqs) - seqs)[:, 1:-1:2]  # label tokens
+        x = seqs[:, 0:-1:2, : seqs.shape[-1] - positions - 1]  # the x slot of the x tokens (features, with an input MLP)
+        return norms, dependence_shares(norms), *copy_fit(moved.reshape(-1, moved.shape[-1]),
+                                                          x.reshape(-1, x.shape[-1]))
 
-        def sequence(x, y, xq):
-            if model.arch.input_mlp:
-                x, xq = models.embed_inputs(weights, x), models.embed_inputs(weights, xq)
-            ctx, query = tokens.build(layout, x, y, xq)
-            return jnp.concatenate([ctx, query[None]]), x
-
-        seqs, xs = jax.vmap(sequence)(t.x, t.y, t.xq)
-        norms = jax.lax.map(functools.partial(token_dependence, weights, layout), seqs, batch_size=32).mean(0)
-        moved = (jax.vmap(functools.partial(models.copy_layer, weights))(seqs) - seqs)[:, 1:-1:2]  # label tokens
-        return norms, dependence_shares(norms), *copy_fit(moved.reshape(-1, moved.shape[-1]), xs.reshape(-1, d))
-
-    norms, shares, r2, singular = jax.device_get(jax.jit(jax.vmap(per_seed))(params))
+    norms, shares, r2, singular = jax.device_get(jax.jit(jax.vmap(per_seed))(trained.params))
     rows = [{"seed": s, "token": kind, **{part: float(v[s]) for part, v in parts.items()}}
             for s in range(int(cfg.train.seeds)) for kind, parts in shares.items()]
-    out = output_dir(run_dir, "copy")
+    out = output_dir(trained.run_dir, "copy")
     _table(out, "copy", rows)
     plots.token_dependence(np.asarray(norms[0]), pd.DataFrame(rows), out / "copy")
     return {"shares": {kind: {part: metrics.mean_ci95(v) for part, v in parts.items()} for kind, parts in shares.items()},
             "copy_r2": metrics.mean_ci95(r2), "copy_singular_values": singular}
+
 
 EXPLAIN_DIR, EXPLAIN_FILE = "explain", "explain.json"
 MIN_EXPLAIN_TASKS = 64
@@ -298,12 +332,13 @@ class ExplainError(ValueError):
     """Bad input to `explain_run`, in one line naming the argument and its allowed values."""
 
 
-def _check_explain(run_dir: Path, seeds: Optional[Sequence[int]], n_tasks: int, iters: int, out: Path):
-    """Everything `explain_run` needs, checked before any work: returns the run's config and seeds."""
-    from icl_gd import runs
-
-    summary_file = run_dir / runs.SUMMARY_FILE
-    if not summary_file.exists() or not (run_dir / "checkpoint").exists():
+def check_explain(run_dir: Path, seeds: Optional[Sequence[int]], n_tasks: int, iters: int,
+                  out: Optional[Path]) -> tuple[Path, list[int]]:
+    """Everything `explain_run` needs of a run directory, checked before any work: returns the
+    output folder and the seeds."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / EXPLAIN_DIR
+    if not (run_dir / runs.SUMMARY_FILE).exists() or not (run_dir / runs.CHECKPOINT_DIR).exists():
         raise ExplainError(f"RUN_DIR: {run_dir} is not a run directory (no {runs.SUMMARY_FILE} / checkpoint)")
     status = runs.load_summary(run_dir).get("status")
     if status != "completed":
@@ -323,40 +358,32 @@ def _check_explain(run_dir: Path, seeds: Optional[Sequence[int]], n_tasks: int, 
         raise ExplainError(f"--iters: got {iters}; allowed: an integer >= 1")
     if out.exists():
         raise ExplainError(f"--out: {out} already exists; explain never overwrites, pass --out NEW_DIR")
-    return cfg, seeds
+    return out, seeds
 
 
-def explain_run(run_dir: Path, *, seeds: Optional[Sequence[int]] = None, n_tasks: int = 2048, iters: int = 50,
-                out: Optional[Path] = None) -> tuple[dict, Path]:
+def explain_run(trained: runs.Trained, *, seeds: Optional[Sequence[int]] = None, n_tasks: int = 2048,
+                iters: int = 50, out: Optional[Path] = None) -> tuple[dict, Path]:
     """Run `icl_gd.explain` on the trained model of the given seeds (all by default) and write
     `explain.json`, the ranking figure, the weight heatmaps (first seed) and, for deep models,
     the per-layer figure to `out` (default `RUN_DIR/explain`), which must not exist. Files appear
     all at once: they are written to a temporary folder that is then renamed."""
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from icl_gd import models, plots, runs
-
-    run_dir = Path(run_dir)
-    out = Path(out) if out is not None else run_dir / EXPLAIN_DIR
-    cfg, seeds = _check_explain(run_dir, seeds, n_tasks, iters, out)
+    run_dir = Path(trained.run_dir)
+    out, seeds = check_explain(run_dir, seeds, n_tasks, iters, out)
     started = time.time()
-    _, graphdef, params = runs.load_params(run_dir)
-    params_S = jax.tree_util.tree_map(lambda a: a[np.asarray(seeds)], params)
+    cfg, model = trained.cfg, trained.model
+    params_S = jax.tree_util.tree_map(lambda a: a[np.asarray(seeds)], trained.params)
 
     def model_fn(p, x, y, xq):
-        model = nnx.merge(graphdef, p)
-        return models.forward(model.arch, model.weights(), x, y, xq)
+        return models.regression_readout(model.arch, model.weights(p), trained.task, x, y, xq)
 
-    key = jax.random.fold_in(jax.random.key(int(cfg.eval.seed)), 2)  # 0 and 1: the eval and line-search sets
-    report = explain_lib.explain(model_fn, params_S, cfg.task, key, steps=int(cfg.model.layers), n_tasks=n_tasks,
+    key = _eval_key(cfg, 2)  # 0 and 1: the eval and line-search sets
+    report = explain_lib.explain(model_fn, params_S, trained.task, key, steps=int(cfg.model.layers), n_tasks=n_tasks,
                                  iters=iters)
-    weights = jax.device_get(jax.vmap(lambda p: nnx.merge(graphdef, p).weights())(params_S))
+    attn = jax.device_get(jax.vmap(lambda p: model.weights(p).layers.attn)(params_S))
     n_context = int(cfg.task.n_context)
     report.update(
-        run=str(run_dir), experiment=runs.load_summary(run_dir).get("experiment"), seed_ids=seeds,
-        weights={"per_seed": [explain_lib.weight_structure(weights["w_kq"][i], weights["w_pv"][i], n_context)
+        run=str(run_dir), experiment=trained.summary.get("experiment"), seed_ids=seeds,
+        weights={"per_seed": [explain_lib.weight_structure(attn.w_kq[i], attn.w_pv[i], n_context)
                               for i in range(len(seeds))]},
         wall_time_s=time.time() - started,
     )
@@ -365,8 +392,7 @@ def explain_run(run_dir: Path, *, seeds: Optional[Sequence[int]] = None, n_tasks
     try:
         runs.write_json(tmp / EXPLAIN_FILE, report)
         plots.explain_ranking(report, tmp / "ranking")
-        plots.weight_heatmaps(weights["w_kq"][0], weights["w_pv"][0], tmp / "weights",
-                              f"{report['experiment']}, seed {seeds[0]}")
+        plots.weight_heatmaps(attn.w_kq[0], attn.w_pv[0], tmp / "weights", f"{report['experiment']}, seed {seeds[0]}")
         if report["steps"] > 1:
             plots.explain_layers(report, tmp / "layers")
         os.rename(tmp, out)
@@ -375,67 +401,71 @@ def explain_run(run_dir: Path, *, seeds: Optional[Sequence[int]] = None, n_tasks
     return report, out
 
 
-@register("explain")
-def explain(run_dir: Path) -> dict:
-    """Which algorithm the trained model runs (issue 5), on every seed; files in RUN_DIR/explain/."""
-    report, out = explain_run(run_dir)
+@register("explain", files=(f"{EXPLAIN_DIR}/{EXPLAIN_FILE}", f"{EXPLAIN_DIR}/ranking.png", f"{EXPLAIN_DIR}/ranking.pdf",
+                            f"{EXPLAIN_DIR}/weights.png", f"{EXPLAIN_DIR}/weights.pdf"),
+          applies=_kind("explain", ("linear",)))
+def explain(trained: runs.Trained) -> dict:
+    """Which algorithm the trained model runs, on every seed; files in RUN_DIR/explain/."""
+    report, out = explain_run(trained)
     rank = report["ranking"]
     return {"winner": rank["winner"], "runner_up": rank["runner_up"], "margin": rank["margin"],
             "explains": report["explains"], "verdict": report["verdict"], "file": str(out / EXPLAIN_FILE)}
 
 
-@register("depth_extrapolation")
-def depth_extrapolation(run_dir: Path) -> dict:
+def _needs_recurrent(cfg: DictConfig) -> Optional[str]:
+    if cfg.task.kind not in ("linear", "sine"):
+        return "depth_extrapolation only with a regression task (task=linear or task=sine)"
+    return None if cfg.model.recurrent else "depth_extrapolation only with model.recurrent=true"
+
+
+@register("depth_extrapolation", files=tuple(f"analyses/depth_extrapolation/depth_extrapolation.{s}"
+                                             for s in ("csv", "png", "pdf")), applies=_needs_recurrent)
+def depth_extrapolation(trained: runs.Trained) -> dict:
     """Iterate a trained recurrent layer up to `eval.extrapolate_to` times (each update scaled by
     `eval.damping`) and compare with as many GD and GD++ steps, with the run's own `eta` and
-    fitted GD++ scalars (SPEC section 4), on the run's evaluation set."""
-    from icl_gd import experiment  # experiment imports this module
-
-    cfg, graphdef, params = runs.load_params(run_dir)
-    refs = runs.load_summary(run_dir)["references"]
-    if not cfg.model.recurrent:
-        raise ValueError("depth_extrapolation: model.recurrent must be true (a weight-tied model)")
-    n, damping, trained = int(cfg.eval.extrapolate_to), float(cfg.eval.damping), int(cfg.model.layers)
-    t = experiment.evaluation_tasks(cfg)
-    dim, n_context = t.x.shape[-1], cfg.task.n_context
-
-    def evaluate(arch, weights):
-        return metrics.evaluate(lambda x, y, xq: models.forward(arch, weights, x, y, xq), t)
-
-    arch = dataclasses.replace(models.Architecture.from_config(cfg.model), layers=n)
+    fitted GD++ scalars (docs/science.md section 4), on the run's evaluation set. Depth is the
+    length of a scan, so 50 iterations compile one layer."""
+    cfg, refs, task = trained.cfg, trained.summary["references"], trained.task
+    n, damping, trained_depth = int(cfg.eval.extrapolate_to), float(cfg.eval.damping), int(cfg.model.layers)
+    t = task.draw(_eval_key(cfg, 0), int(cfg.eval.n_tasks))
+    arch = trained.model.arch.deeper(n)
+    gd_etas = jnp.full((n,), refs["gd"]["eta"])
+    gdpp_etas, gdpp_gammas = (jnp.full((n,), refs["gdpp"][k][0]) for k in ("etas", "gammas"))
 
     @jax.jit
     def model_eval(seed_params):
-        weights = nnx.merge(graphdef, seed_params).weights()
-        return evaluate(arch, {**weights, "w_pv": damping * weights["w_pv"]})
+        weights = trained.model.weights(seed_params)
+        attn = weights.layers.attn
+        damped = weights._replace(layers=weights.layers._replace(attn=attn._replace(w_pv=damping * attn.w_pv)))
+        return metrics.evaluate_tasks(functools.partial(models.regression_readout, arch, damped, task), t)
 
-    gd_eval = jax.jit(evaluate, static_argnums=0)(models.Architecture(layers=n),
-                                                  references.gd_weights(jnp.full((1,), refs["gd"]["eta"]), dim, n_context))
-    gdpp_weights = references.gdpp_weights(jnp.asarray(refs["gdpp"]["etas"][:1]), jnp.asarray(refs["gdpp"]["gammas"][:1]), dim, n_context)
-    gdpp_eval = jax.jit(evaluate, static_argnums=0)(models.Architecture(layers=n), gdpp_weights)
+    gd_eval = jax.jit(lambda t: metrics.evaluate_tasks(lambda x, y, q: references.gd_direct(x, y, q, gd_etas), t))(t)
+    gdpp_eval = jax.jit(lambda t: metrics.evaluate_tasks(
+        lambda x, y, q: references.gdpp_direct(x, y, q, gdpp_etas, gdpp_gammas), t))(t)
+    yq = t.yq[:, None, None]
     rows = []
-    for seed in range(cfg.train.seeds):
-        ev = model_eval(jax.tree_util.tree_map(lambda a: a[seed], params))
+    for seed in range(int(cfg.train.seeds)):
+        ev = model_eval(trained.seed(seed))
         to_gd, to_gdpp = metrics.alignment(ev, gd_eval), metrics.alignment(ev, gdpp_eval)
-        loss = metrics.losses(ev, t.yq)
+        loss = metrics.losses(ev, yq)
         rows += [{"seed": seed, "iterations": k + 1, "loss": float(loss[k]), "model_cos": float(to_gd["model_cos"][k]),
                   "model_cos_gdpp": float(to_gdpp["model_cos"][k]), "preds_diff_gdpp": float(to_gdpp["preds_diff"][k])}
                  for k in range(n)]
     df = pd.DataFrame(rows)
-    gd_loss, gdpp_loss = np.asarray(metrics.losses(gd_eval, t.yq)), np.asarray(metrics.losses(gdpp_eval, t.yq))
+    gd_loss, gdpp_loss = np.asarray(metrics.losses(gd_eval, yq)), np.asarray(metrics.losses(gdpp_eval, yq))
     df["gd_loss"] = gd_loss[df["iterations"] - 1]
     df["gdpp_loss"] = gdpp_loss[df["iterations"] - 1]
-    out = output_dir(run_dir, "depth_extrapolation")
+    out = output_dir(trained.run_dir, "depth_extrapolation")
     df.to_csv(out / "depth_extrapolation.csv", index=False)
-    plots.depth_extrapolation(df, trained, damping, out / "depth_extrapolation")
+    plots.depth_extrapolation(df, trained_depth, damping, out / "depth_extrapolation")
     mean = df.groupby("iterations").mean(numeric_only=True)
-    at = sorted({trained, min(2 * trained, n), n})
+    at = sorted({trained_depth, min(2 * trained_depth, n), n})
+    names = ("loss", "gd_loss", "gdpp_loss", "model_cos", "model_cos_gdpp")
     return {
-        "trained_layers": trained,
+        "trained_layers": trained_depth,
         "iterations": n,
         "damping": damping,
-        "at": {str(k): {name: float(mean.loc[k, name]) for name in ("loss", "gd_loss", "gdpp_loss", "model_cos", "model_cos_gdpp")}
-               for k in at},
+        "at": {str(k): {name: float(mean.loc[k, name]) for name in names} for k in at},
         "best_iterations": int(mean["loss"].idxmin()),
         "best_loss": float(mean["loss"].min()),
     }

@@ -31,10 +31,16 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _load(overrides: list[str]):
+    """A validated config whose analyses apply to it, or a one-line error (exit 2)."""
+    from icl_gd import analyses, experiment
+
     try:
-        return config_lib.load_config(overrides)
+        cfg = config_lib.load_config(overrides)
+        experiment.check(cfg)
+        analyses.check(cfg)
     except config_lib.ConfigError as err:
         _fail(str(err))
+    return cfg
 
 
 def _fmt(value) -> str:
@@ -50,6 +56,8 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     for column in ("metric", "mean", "95% interval"):
         table.add_column(column)
     for name, stats in summary["final"].items():
+        if isinstance(stats["mean"], list):  # by position: in summary.json and plots/
+            continue
         lo, hi = stats["ci95"]
         table.add_row(name, _fmt(stats["mean"]), "-" if lo is None else f"[{lo:.4g}, {hi:.4g}]")
     console.print(table)
@@ -61,23 +69,43 @@ def train(
     overrides: Optional[List[str]] = OVERRIDES,
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (must not exist). Default runs/<experiment>/<timestamp>."),
     multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep comma-separated override values with Hydra."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory to train.steps."),
 ):
-    """Train a model and write its run directory (config, metrics, plots, checkpoint, summary)."""
+    """Train a model and write its run directory (config, metrics, plots, checkpoints, summary).
+    SIGINT / SIGTERM save the run and mark it `interrupted`; `--resume RUN_DIR` continues it."""
     from icl_gd import experiment, runs
 
     overrides = list(overrides or [])
+    if resume is not None:
+        if overrides or out is not None or multirun:
+            _fail("--resume: takes the run directory alone; allowed: no overrides, --out or --multirun with it")
+        return _run_job(lambda: experiment.resume(resume))
     if multirun:
         return _multirun(overrides, out)
     cfg = _load(overrides)
     run_dir = out if out is not None else runs.default_run_dir(cfg.name)
     try:
         runs.check_new(run_dir)
-        result = experiment.train(cfg, run_dir)
     except runs.RunDirExists as err:
+        _fail(str(err))
+    _run_job(lambda: experiment.train(cfg, run_dir))
+
+
+def _run_job(job) -> None:
+    """Train (or resume), then run the config's analyses on the run in memory; failures exit with
+    one line: 2 for bad input, 1 for a diverged run, 128 + signal for an interrupted one."""
+    from icl_gd import analyses, experiment, runs
+
+    try:
+        trained = job()
+        analyses.run_all(trained)
+    except (runs.RunDirError, config_lib.ConfigError) as err:
         _fail(str(err))
     except experiment.TrainingDiverged as err:
         _fail(str(err), code=1)
-    print_summary(result.summary, result.run_dir)
+    except experiment.TrainingInterrupted as err:
+        _fail(str(err), code=err.exit_code)
+    print_summary(trained.summary, trained.run_dir)
 
 
 def _multirun(overrides: list[str], out: Optional[Path]) -> None:
@@ -111,11 +139,12 @@ def _multirun(overrides: list[str], out: Optional[Path]) -> None:
 def _hydra_entry(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from icl_gd import experiment
+    from icl_gd import analyses, experiment
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    result = experiment.train(cfg, run_dir, allow_empty_dir=True)
-    print_summary(result.summary, result.run_dir)
+    trained = experiment.train(cfg, run_dir, allow_empty_dir=True)
+    analyses.run_all(trained)
+    print_summary(trained.summary, trained.run_dir)
 
 
 @app.command()
@@ -123,28 +152,39 @@ def baselines(
     overrides: Optional[List[str]] = OVERRIDES,
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON (must not exist)."),
 ):
-    """Evaluate the reference algorithms on the configured task, without training."""
+    """Fit and evaluate the task's reference algorithms, without training: each reference's loss on
+    the evaluation set (for sequence tasks, the mean over positions and the loss at each position)."""
     from icl_gd import experiment, runs
 
     cfg = _load(list(overrides or []))
     if json_file is not None and json_file.exists():
         _fail(f"--json: {json_file} already exists; choose a new file")
     refs = experiment.compute_references(cfg)
-    data = refs.as_dict()
-    t = cfg.task
-    table = Table(title=f"references: d={t.dim}, N={t.n_context}, x~{t.x_dist}(scale {t.x_scale}), "
-                        f"noise {t.noise_std}, {cfg.eval.n_tasks} eval tasks")
-    for column in ("reference", "eta / lambda", "loss"):
+    data = {"references": refs.as_dict()}
+    table = Table(title=f"references of task={refs.task.name} on {cfg.eval.n_tasks} evaluation sequences")
+    for column in ("reference", "parameters", "loss"):
         table.add_column(column)
-    table.add_row(f"GD, {refs.layers} step(s), line-searched eta", _fmt(data["gd"]["eta"]), _fmt(data["gd"]["loss"]))
-    if data["gd_closed_form"]:
-        table.add_row("GD, 1 step, closed form (expected)", _fmt(data["gd_closed_form"]["eta"]), _fmt(data["gd_closed_form"]["loss"]))
-    gdpp = data["gdpp"]
-    table.add_row(f"GD++, {refs.layers} step(s), fitted (eta_k, gamma_k)" + (", shared" if gdpp["shared"] else ""),
-                  ", ".join(f"{e:.3g}/{g:.3g}" for e, g in zip(gdpp["etas"], gdpp["gammas"])), _fmt(gdpp["loss"]))
-    table.add_row("OLS", "-", _fmt(data["ols"]["loss"]))
-    table.add_row("ridge (Bayes-optimal lambda)", _fmt(data["ridge"]["lambda"]), _fmt(data["ridge"]["loss"]))
+    for ref in refs.fitted:
+        entry = data["references"][ref.name]
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in entry.items() if k not in ("loss", "loss_by_position"))
+        table.add_row(f"{ref.name}: {ref.label}", params or "-", _fmt(entry["loss"]))
+    for name, entry in refs.analytic.items():
+        if entry is not None:
+            table.add_row(f"{name} (expected, closed form)", ", ".join(f"{k}={_fmt(v)}" for k, v in entry.items()
+                                                                      if k != "loss"), _fmt(entry["loss"]))
     console.print(table)
+    by_position = {name: e["loss_by_position"] for name, e in data["references"].items()
+                   if isinstance(e, dict) and "loss_by_position" in e}
+    if by_position:
+        positions = len(next(iter(by_position.values())))
+        shown = sorted({1, 2, 3, 5, 10, 20, positions // 2, positions} & set(range(1, positions + 1)))
+        table = Table(title="loss by position t (predicting s_{t+1} from s_1..s_t)")
+        table.add_column("reference")
+        for t in shown:
+            table.add_column(f"t={t}")
+        for name, losses in by_position.items():
+            table.add_row(name, *[_fmt(losses[t - 1]) for t in shown])
+        console.print(table)
     if json_file is not None:
         json_file.parent.mkdir(parents=True, exist_ok=True)
         runs.write_json(json_file, data)
@@ -254,15 +294,16 @@ def analyze(
 
     from icl_gd import analyses, runs
 
-    if not (run_dir / runs.SUMMARY_FILE).exists():
-        _fail(f"RUN_DIR: {run_dir} is not a run directory (no {runs.SUMMARY_FILE})")
     if name not in analyses.REGISTRY:
         _fail(f"NAME: unknown analysis '{name}'; allowed: {', '.join(sorted(analyses.REGISTRY)) or '(none)'}")
+    if not (run_dir / runs.SUMMARY_FILE).exists() or not (run_dir / runs.CONFIG_FILE).exists():
+        _fail(f"RUN_DIR: {run_dir} is not a run directory (no {runs.SUMMARY_FILE} / {runs.CONFIG_FILE})")
     try:
-        result = analyses.run(name, run_dir)
-    except ValueError as err:  # analyses.ExplainError included
+        analyses.check(runs.load_config(run_dir), [name])
+        result = analyses.run(name, runs.load(run_dir))
+    except (config_lib.ConfigError, runs.RunDirError, analyses.ExplainError) as err:
         _fail(str(err))
-    console.print_json(json.dumps(runs._json_ready(result)))
+    console.print_json(json.dumps(runs.json_ready(result)))
 
 
 @app.command()
@@ -277,11 +318,12 @@ def explain(
     """Which algorithm does the trained model run? Fit GD, GD++, preconditioned GD, iterative
     solvers and ridge to its predictions, score them on held-out and shifted tasks, rank them by
     BIC; write explain.json and figures."""
-    from icl_gd import analyses
+    from icl_gd import analyses, runs
 
     try:
-        report, folder = analyses.explain_run(run_dir, seeds=None if seed_all else [seed], n_tasks=tasks,
-                                               iters=iters, out=out)
+        seeds = None if seed_all else [seed]
+        analyses.check_explain(run_dir, seeds, tasks, iters, out)
+        report, folder = analyses.explain_run(runs.load(run_dir), seeds=seeds, n_tasks=tasks, iters=iters, out=out)
     except analyses.ExplainError as err:
         _fail(str(err))
     print_explain(report)

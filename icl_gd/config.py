@@ -2,13 +2,19 @@
 
 Everything a user can set is a field here; `load_config` composes the YAML groups in
 `icl_gd/conf` (also reachable as `conf/` at the repository root) with command-line
-overrides and turns every mistake into one `ConfigError` line naming the field.
+overrides and turns every mistake into one `ConfigError` line naming the field. The task
+kind is a config group (`task=linear`, `task=sine`, `task=lds`), each option with a schema of
+its own (`TASK_SCHEMAS`); choices with a fixed set of values are enums. This module imports
+nothing else of the package (an import contract): checks that need the registries of tasks
+or analyses live with them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -18,41 +24,101 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 GROUPS = ("task", "model", "train", "eval", "experiment")
 
-X_DISTS = ("uniform", "gaussian", "laplace", "exponential")
-TOKENS = ("constructed", "classic")
-ATTENTIONS = ("linear", "softmax")
-TASK_KINDS = ("linear", "sine")
+
+class XDist(enum.Enum):
+    """Law of one input coordinate (docs/science.md section 1)."""
+
+    uniform = enum.auto()
+    gaussian = enum.auto()
+    laplace = enum.auto()
+    exponential = enum.auto()
+
+
+class Tokens(enum.Enum):
+    """Regression token layouts (docs/science.md section 2)."""
+
+    constructed = enum.auto()
+    classic = enum.auto()
+
+
+class Attention(enum.Enum):
+    """Attention kinds; each is one entry of `icl_gd.attention.REGISTRY`."""
+
+    linear = enum.auto()
+    softmax = enum.auto()
+
+
+class LdsVariant(enum.Enum):
+    """Linear dynamical systems (docs/science.md section 8): a random orthogonal transition per
+    sequence (`full`), observed through a random projection of a larger hidden state
+    (`partial`), a contracting transition (`contracting`), or one transition for all (`fixed`)."""
+
+    full = enum.auto()
+    partial = enum.auto()
+    contracting = enum.auto()
+    fixed = enum.auto()
 
 
 @dataclass
-class TaskConfig:
-    """In-context regression tasks (SPEC section 1)."""
+class LinearTaskConfig:
+    """In-context linear regression (docs/science.md section 1)."""
 
     kind: str = "linear"
     dim: int = 10
     n_context: int = 10
-    x_dist: str = "uniform"
+    x_dist: XDist = XDist.uniform
     x_scale: float = 0.5
     w_std: float = 1.0
     noise_std: float = 0.0
     distractors: int = 0
-    tokens: str = "constructed"
+    tokens: Tokens = Tokens.constructed
+
+
+@dataclass
+class SineTaskConfig:
+    """Non-linear 1-d regression `y = a sin(x + phi)` (docs/science.md section 1)."""
+
+    kind: str = "sine"
+    dim: int = 1  # fixed: one input coordinate
+    n_context: int = 10
+    noise_std: float = 0.0
+    tokens: Tokens = Tokens.constructed
+
+
+@dataclass
+class LdsTaskConfig:
+    """Autoregressive prediction of linear dynamical systems (docs/science.md section 8)."""
+
+    kind: str = "lds"
+    state_dim: int = 10
+    length: int = 50
+    noise_std: float = 0.01
+    clip: float = 10.0
+    variant: LdsVariant = LdsVariant.full
+    hidden_dim: int = 15  # `partial` only: size of the hidden state seen through a projection
+    obs_noise_std: float = 0.01  # `partial` only
+    contracting_max: float = 0.9  # `contracting` only: eigenvalues drawn in [0.3, max], one equal to max
+    transition_seed: int = 0  # `fixed` only: the one transition shared by every sequence
+    ridge_lambda: float = 1e-3  # the online ridge reference's penalty
+
+
+TASK_SCHEMAS: dict[str, type] = {"linear": LinearTaskConfig, "sine": SineTaskConfig, "lds": LdsTaskConfig}
 
 
 @dataclass
 class ModelConfig:
-    """Transformer built from linear self-attention layers (SPEC section 3)."""
+    """Transformer built from self-attention layers (docs/science.md section 3)."""
 
     layers: int = 1
     recurrent: bool = False
     heads: int = 1
-    attention: str = "linear"
+    attention: Attention = Attention.linear
     init_scale: Optional[float] = None  # None: 0.002 / layers, as the paper's code
     layernorm: bool = False
     mlp: bool = False
@@ -66,7 +132,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Online training with AdamW and global-norm clipping (SPEC section 7)."""
+    """Online training with AdamW and global-norm clipping (docs/science.md section 7)."""
 
     steps: int = 5000
     batch_size: int = 2048
@@ -78,6 +144,7 @@ class TrainConfig:
     seeds: int = 1
     seed: int = 0
     eval_every: int = 100
+    checkpoint_every: int = 10  # evaluations between two checkpoints (and one at the end)
     progress: bool = True
 
 
@@ -100,15 +167,18 @@ class Config:
     name: str = "single_layer"
     out: Optional[str] = None
     analyses: list[str] = field(default_factory=list)  # run after training, see icl_gd.analyses
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: Any = MISSING  # one of TASK_SCHEMAS, chosen by the `task` group
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-ConfigStore.instance().store(name="base_config", node=Config)
+_store = ConfigStore.instance()
+_store.store(name="base_config", node=Config)
+for _kind, _schema in TASK_SCHEMAS.items():
+    _store.store(group="task", name=f"{_kind}_schema", node=_schema)
 
-SCHEMAS = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+SCHEMAS = {"model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
 class ConfigError(ValueError):
@@ -119,12 +189,18 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def _fields(schema: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema)]
+
+
 def _check_override_keys(overrides: list[str]) -> None:
-    """Reject unknown groups, options and fields with the allowed values listed."""
+    """Reject unknown groups, options and fields with the allowed values listed. Task fields are
+    checked against the schema of the task kind the overrides choose."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
         raise ConfigError(f"cannot parse overrides: {str(err).splitlines()[0]}") from None
+    task_fields = None
     for override in parsed:
         key = override.key_or_group.lstrip("+~")
         if key.startswith("hydra"):
@@ -138,14 +214,19 @@ def _check_override_keys(overrides: list[str]) -> None:
                     raise ConfigError(f"{parts[0]}: unknown value '{value}'; allowed: {', '.join(allowed)}")
             continue
         if len(parts) == 1:
-            top = [f.name for f in dataclasses.fields(Config) if f.name not in SCHEMAS]
+            top = [f.name for f in dataclasses.fields(Config) if f.name not in (*SCHEMAS, "task")]
             if parts[0] not in top:
                 raise ConfigError(f"{key}: unknown field; allowed: {', '.join(top + list(GROUPS))}")
             continue
-        schema = SCHEMAS.get(parts[0])
-        if schema is None:
-            raise ConfigError(f"{key}: unknown field; allowed groups: {', '.join(SCHEMAS)}")
-        names = [f.name for f in dataclasses.fields(schema)]
+        if parts[0] == "task":
+            if task_fields is None:
+                groups_only = [o for o in overrides if o.split("=")[0].lstrip("+~") in GROUPS and "," not in o]
+                task_fields = _fields(TASK_SCHEMAS[str(_compose(groups_only).task.kind)])
+            names = task_fields
+        elif parts[0] in SCHEMAS:
+            names = _fields(SCHEMAS[parts[0]])
+        else:
+            raise ConfigError(f"{key}: unknown field; allowed groups: {', '.join(GROUPS[:-1])}")
         if len(parts) != 2 or parts[1] not in names:
             raise ConfigError(f"{key}: unknown field; allowed: {', '.join(names)}")
 
@@ -161,8 +242,11 @@ def _compose(overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
+_ENUM_ERROR = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]")
+
+
 def _one_line(err: BaseException) -> str:
-    """Condense a Hydra/OmegaConf error into `field: problem`."""
+    """Condense a Hydra/OmegaConf error into `field: problem` (enum errors as `got X; allowed: a | b`)."""
     cause = err
     while cause.__cause__ is not None or cause.__context__ is not None:
         nxt = cause.__cause__ or cause.__context__
@@ -172,6 +256,10 @@ def _one_line(err: BaseException) -> str:
         cause = nxt
     full_key = getattr(cause, "full_key", None)
     message = str(getattr(cause, "msg", None) or cause).strip().splitlines()[0]
+    enum_error = _ENUM_ERROR.search(message)
+    if enum_error:
+        value, allowed = enum_error.groups()
+        message = f"got '{value}'; allowed: {allowed.replace(', ', ' | ')}"
     return f"{full_key}: {message}" if full_key else message
 
 
@@ -180,38 +268,60 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"{key}: got {value!r}; allowed: {allowed}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check value ranges; raise ConfigError naming the first bad field."""
-    from icl_gd.analyses import REGISTRY
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
 
-    for name in cfg.analyses:
-        _require(name in REGISTRY, "analyses", f"a list of {', '.join(sorted(REGISTRY)) or '(none registered)'}", name)
-    t, m, tr, ev = cfg.task, cfg.model, cfg.train, cfg.eval
-    _require("sine" not in cfg.analyses or m.input_mlp, "analyses", "sine only with model.input_mlp=true", "sine")
-    _require("ood" not in cfg.analyses or t.kind == "linear", "analyses", "ood only with task.kind=linear", "ood")
-    _require("copy" not in cfg.analyses or t.tokens == "classic", "analyses", "copy only with task.tokens=classic", "copy")
-    _require(t.kind in TASK_KINDS, "task.kind", " | ".join(TASK_KINDS), t.kind)
+
+def _validate_linear(t: DictConfig) -> None:
     _require(t.dim >= 1, "task.dim", "an integer >= 1", t.dim)
     _require(t.n_context >= 1, "task.n_context", "an integer >= 1", t.n_context)
-    _require(t.x_dist in X_DISTS, "task.x_dist", " | ".join(X_DISTS), t.x_dist)
-    _require(math.isfinite(t.x_scale) and t.x_scale > 0, "task.x_scale", "a number > 0", t.x_scale)
-    _require(math.isfinite(t.w_std) and t.w_std > 0, "task.w_std", "a number > 0", t.w_std)
+    _require(_positive(t.x_scale), "task.x_scale", "a number > 0", t.x_scale)
+    _require(_positive(t.w_std), "task.w_std", "a number > 0", t.w_std)
     _require(math.isfinite(t.noise_std) and t.noise_std >= 0, "task.noise_std", "a number >= 0", t.noise_std)
-    _require(0 <= t.distractors <= t.n_context, "task.distractors", f"an integer in [0, task.n_context={t.n_context}]", t.distractors)
-    _require(t.tokens in TOKENS, "task.tokens", " | ".join(TOKENS), t.tokens)
-    _require(t.kind != "sine" or t.dim == 1, "task.dim", "1 for task.kind=sine", t.dim)
-    _require(t.kind != "sine" or t.distractors == 0, "task.distractors", "0 for task.kind=sine", t.distractors)
+    d_range = f"an integer in [0, task.n_context={t.n_context}]"
+    _require(0 <= t.distractors <= t.n_context, "task.distractors", d_range, t.distractors)
+
+
+def _validate_sine(t: DictConfig) -> None:
+    _require(t.dim == 1, "task.dim", "1 for task=sine", t.dim)
+    _require(t.n_context >= 1, "task.n_context", "an integer >= 1", t.n_context)
+    _require(math.isfinite(t.noise_std) and t.noise_std >= 0, "task.noise_std", "a number >= 0", t.noise_std)
+
+
+def _validate_lds(t: DictConfig) -> None:
+    _require(t.state_dim >= 1, "task.state_dim", "an integer >= 1", t.state_dim)
+    _require(t.length >= 2, "task.length", "an integer >= 2", t.length)
+    _require(math.isfinite(t.noise_std) and t.noise_std >= 0, "task.noise_std", "a number >= 0", t.noise_std)
+    _require(_positive(t.clip), "task.clip", "a number > 0", t.clip)
+    _require(t.hidden_dim >= 1, "task.hidden_dim", "an integer >= 1", t.hidden_dim)
+    obs = t.obs_noise_std
+    _require(math.isfinite(obs) and obs >= 0, "task.obs_noise_std", "a number >= 0", obs)
+    cmax = t.contracting_max
+    _require(0.3 < cmax < 1, "task.contracting_max", "a number in (0.3, 1)", cmax)
+    _require(t.transition_seed >= 0, "task.transition_seed", "an integer >= 0", t.transition_seed)
+    _require(_positive(t.ridge_lambda), "task.ridge_lambda", "a number > 0", t.ridge_lambda)
+
+
+TASK_VALIDATORS = {"linear": _validate_linear, "sine": _validate_sine, "lds": _validate_lds}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check value ranges; raise ConfigError naming the first bad field."""
+    m, tr, ev = cfg.model, cfg.train, cfg.eval
+    _require(cfg.task.kind in TASK_VALIDATORS, "task.kind", " | ".join(TASK_VALIDATORS), cfg.task.kind)
+    TASK_VALIDATORS[cfg.task.kind](cfg.task)
     _require(m.layers >= 1, "model.layers", "an integer >= 1", m.layers)
     _require(m.heads >= 1, "model.heads", "an integer >= 1", m.heads)
-    _require(m.attention in ATTENTIONS, "model.attention", " | ".join(ATTENTIONS), m.attention)
-    _require(m.init_scale is None or m.init_scale > 0, "model.init_scale", "null (0.002 / layers) or a number > 0", m.init_scale)
+    init = m.init_scale
+    _require(init is None or init > 0, "model.init_scale", "null (0.002 / layers) or a number > 0", init)
     _require(m.mlp_width >= 1, "model.mlp_width", "an integer >= 1", m.mlp_width)
     _require(m.input_mlp_width >= 1, "model.input_mlp_width", "an integer >= 1", m.input_mlp_width)
     _require(m.input_mlp_features >= 1, "model.input_mlp_features", "an integer >= 1", m.input_mlp_features)
-    _require(m.clip_activations is None or m.clip_activations > 0, "model.clip_activations", "null or a number > 0", m.clip_activations)
+    clip = m.clip_activations
+    _require(clip is None or clip > 0, "model.clip_activations", "null or a number > 0", clip)
     _require(tr.steps >= 1, "train.steps", "an integer >= 1", tr.steps)
     _require(tr.batch_size >= 1, "train.batch_size", "an integer >= 1", tr.batch_size)
-    _require(math.isfinite(tr.lr) and tr.lr > 0, "train.lr", "a number > 0", tr.lr)
+    _require(_positive(tr.lr), "train.lr", "a number > 0", tr.lr)
     _require(0 <= tr.b1 < 1, "train.b1", "a number in [0, 1)", tr.b1)
     _require(0 <= tr.b2 < 1, "train.b2", "a number in [0, 1)", tr.b2)
     _require(tr.weight_decay >= 0, "train.weight_decay", "a number >= 0", tr.weight_decay)
@@ -219,6 +329,7 @@ def validate(cfg: DictConfig) -> None:
     _require(tr.seeds >= 1, "train.seeds", "an integer >= 1", tr.seeds)
     _require(tr.seed >= 0, "train.seed", "an integer >= 0", tr.seed)
     _require(tr.eval_every >= 1, "train.eval_every", "an integer >= 1", tr.eval_every)
+    _require(tr.checkpoint_every >= 1, "train.checkpoint_every", "an integer >= 1", tr.checkpoint_every)
     _require(ev.n_tasks >= 2, "eval.n_tasks", "an integer >= 2", ev.n_tasks)
     _require(ev.line_search_tasks >= 2, "eval.line_search_tasks", "an integer >= 2", ev.line_search_tasks)
     _require(ev.gdpp_steps >= 0, "eval.gdpp_steps", "an integer >= 0", ev.gdpp_steps)
@@ -226,8 +337,6 @@ def validate(cfg: DictConfig) -> None:
     _require(ev.gdpp_lr > 0, "eval.gdpp_lr", "a number > 0", ev.gdpp_lr)
     _require(ev.extrapolate_to >= 1, "eval.extrapolate_to", "an integer >= 1", ev.extrapolate_to)
     _require(0 < ev.damping <= 1, "eval.damping", "a number in (0, 1]", ev.damping)
-    if "depth_extrapolation" in cfg.analyses:
-        _require(bool(m.recurrent), "model.recurrent", "true for the depth_extrapolation analysis", m.recurrent)
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -243,7 +352,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """The override lists of every job a Hydra multirun over `overrides` would launch."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-    _check_override_keys(overrides)
+    _check_override_keys([o for o in overrides if "," not in o.split("=", 1)[-1]])
     parsed = OverridesParser.create().parse_overrides(overrides)
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
@@ -252,5 +361,18 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-def init_scale(model: DictConfig) -> float:
-    return model.init_scale if model.init_scale is not None else 0.002 / model.layers
+def from_yaml(text: str) -> DictConfig:
+    """A config written by `to_yaml` (a run's `config.yaml`) on the current schemas: fields added
+    since then take their defaults; raises ConfigError if it no longer fits them."""
+    try:
+        raw = OmegaConf.create(text)
+        kind = str(raw.get("task", {}).get("kind", "linear"))
+        if kind not in TASK_SCHEMAS:
+            raise ConfigError(f"task.kind: got {kind!r}; allowed: {' | '.join(TASK_SCHEMAS)}")
+        base = OmegaConf.structured(Config)
+        base.task = OmegaConf.structured(TASK_SCHEMAS[kind])
+        cfg = OmegaConf.merge(base, raw)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    assert isinstance(cfg, DictConfig)
+    return cfg

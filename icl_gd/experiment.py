@@ -1,196 +1,225 @@
 """Experiments: the references of a configured task, and a training run written to its run
-directory. `train(cfg, run_dir) -> RunResult` is the whole of `icl-gd train` for one job.
+directory. `train(cfg, run_dir) -> runs.Trained` is the whole of `icl-gd train` for one job and
+`resume(run_dir)` continues an interrupted one.
+
+What is tracked follows from the registries: the task kind lists its references (primary
+first); each gets `<name>_loss` and alignment columns (`preds_diff`, and with sensitivities
+`model_cos` and `model_diff`, suffixed `_<name>` except for the primary reference), and, when it
+runs one step per model layer, per-layer columns `layer<k>_*` (docs/science.md section 5).
 """
 
 from __future__ import annotations
 
 import functools
 import platform
+import signal
 import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from omegaconf import DictConfig
 
 from icl_gd import config as config_lib
-from icl_gd import analyses, metrics, models, plots, references, runs, tasks, tokens, training
+from icl_gd import metrics, models, plots, references, runs, tasks, training
 from icl_gd.progress import TrainProgress
-
-FINAL_METRICS = ("loss", "gd_loss", "preds_diff", "model_cos", "model_diff", "interpolated_loss",
-                 "gdpp_loss", "preds_diff_gdpp", "model_cos_gdpp", "model_diff_gdpp")
-PER_LAYER_METRICS = ("loss", "gd_loss", "gdpp_loss", "preds_diff", "model_cos", "preds_diff_gdpp", "model_cos_gdpp")
 
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run after saving it; `--resume` continues it."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def check(cfg: DictConfig) -> tasks.TaskKind:
+    """What the task kind needs of the model, checked before any work; returns the task kind."""
+    task = tasks.from_config(cfg.task)
+    layout = task.layout
+    if cfg.model.input_mlp and layout.input_tokens is None:
+        raise config_lib.ConfigError(f"model.input_mlp: got true; allowed: false for task={task.name}")
+    if layout.copy_layer and cfg.model.input_mlp:
+        raise config_lib.ConfigError("model.input_mlp: got true; allowed: false with task.tokens=classic")
+    return task
+
+
+def evaluation_batch(task: tasks.TaskKind, cfg: DictConfig) -> tasks.Batch:
+    """The fixed evaluation set of a config: `eval.n_tasks` sequences from `fold_in(key(eval.seed), 0)`."""
+    return task.sample(jax.random.fold_in(jax.random.key(int(cfg.eval.seed)), 0), int(cfg.eval.n_tasks))
+
+
+def evaluate_reference(task: tasks.TaskKind, ref: references.Reference, params, batch: tasks.Batch
+                       ) -> metrics.Evaluation:
+    """A reference's readouts (and sensitivities) on `batch`, in a compiled program of its own
+    (at most one batched LAPACK call per program, see `references.linalg`)."""
+
+    @jax.jit
+    def run(params, batch):
+        predict = functools.partial(ref.predict, task, params)
+        return metrics.evaluate(predict, batch.queries, batch.context, sensitivities=task.sensitivities)
+
+    return run(params, batch)
+
+
 @dataclass
 class References:
-    """Reference algorithms on the evaluation set of a configured task.
+    """The task's references, fitted on data of their own and evaluated on the evaluation set."""
 
-    GD and GD++ are evaluated with one readout per step (`[T, layers]`), so that layer `k` of a
-    model is compared with `k` steps of each.
-    """
+    task: tasks.TaskKind
+    eval_batch: tasks.Batch
+    fitted: list[references.Reference]
+    params: dict[str, Any]
+    evals: dict[str, metrics.Evaluation]
+    analytic: dict
 
-    eval_tasks: tasks.Tasks
-    layers: int
-    gd: references.GDReference  # one eta shared by `layers` steps, line-searched
-    gd_closed_form: Optional[references.GDReference]  # one step, SPEC section 6
-    gd_weights: models.Weights
-    gd_eval: metrics.Evaluation
-    gdpp: references.GDPP  # (eta_k, gamma_k) fitted on the task loss
-    gdpp_shared: bool
-    gdpp_eval: metrics.Evaluation
-    ols_loss: float
-    ridge_lambda: float
-    ridge_loss: float
+    def losses(self, name: str) -> np.ndarray:
+        """`[K, P]`: loss of each readout at each scored position."""
+        return np.asarray(metrics.losses(self.evals[name], self.eval_batch.targets, by_position=True))
 
     def as_dict(self) -> dict:
-        closed = self.gd_closed_form
-        return {
-            "gd": {"eta": self.gd.eta, "loss": self.gd.loss, "steps": self.layers},
-            "gd_closed_form": {"eta": closed.eta, "loss": closed.loss} if closed else None,
-            "gdpp": {"etas": np.asarray(self.gdpp.etas).tolist(), "gammas": np.asarray(self.gdpp.gammas).tolist(), "loss": self.gdpp.loss,
-                     "steps": self.layers, "shared": self.gdpp_shared},
-            "ols": {"loss": self.ols_loss},
-            "ridge": {"lambda": self.ridge_lambda, "loss": self.ridge_loss},
-        }
+        """`summary.json`'s `references`: each reference's parameters and loss on the evaluation set
+        (final readout; with several scored positions, the mean over them and `loss_by_position`)."""
+        out = {}
+        for ref in self.fitted:
+            loss = self.losses(ref.name)[-1]
+            entry = {**ref.describe(self.params[ref.name]), "loss": float(loss.mean())}
+            if loss.shape[0] > 1:
+                entry["loss_by_position"] = loss.tolist()
+            out[ref.name] = entry
+        return {**out, **self.analytic}
 
 
-def _evaluate_steps(weights: models.Weights, layers: int, eval_tasks: tasks.Tasks) -> metrics.Evaluation:
-    """Readouts (and sensitivities) of an LSA construction after each of `layers` steps."""
-    arch = models.Architecture(layers=layers)
-    return jax.jit(lambda w, t: metrics.evaluate(functools.partial(models.forward, arch, w), t))(weights, eval_tasks)
+def compute_references(cfg: DictConfig, task: Optional[tasks.TaskKind] = None) -> References:
+    """Fit the task's references in their order (each may use those before it), then evaluate
+    them on the evaluation set (docs/science.md sections 4-6 and 8)."""
+    task = task or tasks.from_config(cfg.task)
+    batch = evaluation_batch(task, cfg)
+    key = jax.random.key(int(cfg.eval.seed))
+    fitted, params, evals = references.for_task(task), {}, {}
+    for ref in fitted:
+        params[ref.name] = ref.fit(references.FitContext(task, cfg, key, batch, params))
+        evals[ref.name] = evaluate_reference(task, ref, params[ref.name], batch)
+    return References(task, batch, fitted, params, evals, references.analytic(task))
 
 
-@jax.jit
-def _ols_ridge_losses(t: tasks.Tasks, lam: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """OLS and ridge losses on `t`, both read from one SVD per task (`references.ridge_spectrum`)."""
-    spec = jax.vmap(references.ridge_spectrum)(t.x, t.y)
-    ridge_at = jax.vmap(references.ridge_from_spectrum, in_axes=(0, 0, None))
-    return references.loss(ridge_at(spec, t.xq, 0.0), t.yq), references.loss(ridge_at(spec, t.xq, lam), t.yq)
+def alignment_metrics(task: tasks.TaskKind) -> tuple[str, ...]:
+    return ("preds_diff", "model_cos", "model_diff") if task.sensitivities else ("preds_diff",)
 
 
-def evaluation_tasks(cfg: DictConfig, **changes) -> tasks.Tasks:
-    """The fixed evaluation set of a config (`changes` shift the task law, same key)."""
-    return tasks.sampler(cfg.task, **changes)(jax.random.fold_in(jax.random.key(cfg.eval.seed), 0), cfg.eval.n_tasks)
+def suffix(task: tasks.TaskKind, name: str) -> str:
+    """Alignment columns name the reference, except for the task's primary one."""
+    return "" if name == task.references[0] else f"_{name}"
 
 
-def compute_references(cfg: DictConfig) -> References:
-    """Line-search GD's `eta` and fit GD++ on data of their own, then evaluate GD, GD++, OLS and
-    ridge on the evaluation set (SPEC sections 4-6)."""
-    t, ev, layers = cfg.task, cfg.eval, int(cfg.model.layers)
-    sample = tasks.sampler(t)
-    eval_key = jax.random.key(ev.seed)
-    eval_tasks = evaluation_tasks(cfg)
-    search_tasks = sample(jax.random.fold_in(eval_key, 1), ev.line_search_tasks)
-    closed = None
-    if t.kind == "linear":
-        closed = references.closed_form_gd(t.dim, t.n_context, t.x_dist, t.x_scale, t.w_std, t.noise_std, t.distractors)
-        eta_max = 3.0 * closed.eta
-    else:
-        eta_max = 10.0
-    eta = references.line_search_eta(search_tasks, layers, eta_max).eta
-    input_dim = eval_tasks.x.shape[-1]
-    gd_w = references.gd_weights(jnp.full((layers,), eta), input_dim, t.n_context)
-    gd_eval = _evaluate_steps(gd_w, layers, eval_tasks)
-    shared = bool(cfg.model.recurrent)
-    if layers == 1 or ev.gdpp_steps == 0:
-        # One GD++ step is one GD step: gamma acts on the inputs only after the label update.
-        n = 1 if shared else layers
-        gdpp = references.GDPP(jnp.full((n,), eta), jnp.zeros((n,)), float(metrics.losses(gd_eval, eval_tasks.yq)[-1]))
-    else:
-        gdpp = references.fit_gdpp(sample, layers, shared, eta, jax.random.fold_in(eval_key, 2), dim=input_dim,
-                                   n_context=t.n_context, train_steps=ev.gdpp_steps, batch=ev.gdpp_batch,
-                                   lr=ev.gdpp_lr, eval_tasks=eval_tasks)
-    gdpp_eval = _evaluate_steps(references.gdpp_weights(gdpp.etas, gdpp.gammas, input_dim, t.n_context), layers, eval_tasks)
-    lam = references.bayes_ridge_lambda(t.noise_std, t.w_std)
-    ols_loss, ridge_loss = _ols_ridge_losses(eval_tasks, lam)
-    return References(
-        eval_tasks=eval_tasks,
-        layers=layers,
-        gd=references.GDReference(eta=eta, loss=float(metrics.losses(gd_eval, eval_tasks.yq)[-1])),
-        gd_closed_form=closed,
-        gd_weights=gd_w,
-        gd_eval=gd_eval,
-        gdpp=gdpp._replace(loss=float(metrics.losses(gdpp_eval, eval_tasks.yq)[-1])),
-        gdpp_shared=shared,
-        gdpp_eval=gdpp_eval,
-        ols_loss=float(ols_loss),
-        ridge_lambda=lam,
-        ridge_loss=float(ridge_loss),
-    )
+def has_interpolation(task: tasks.TaskKind) -> bool:
+    """The interpolated model is defined for regression tasks (docs/science.md section 5)."""
+    return isinstance(task, tasks.Regression)
 
 
-def interpolates(model_cfg) -> bool:
-    """The interpolated model (SPEC section 5) is defined for one-head linear-attention stacks
-    (on the plain constructed tokens of the GD construction, checked in `make_evaluator`)."""
-    return (model_cfg.heads == 1 and model_cfg.attention == "linear" and not model_cfg.layernorm
-            and not model_cfg.mlp and not model_cfg.input_mlp)
+def final_metrics(task: tasks.TaskKind) -> list[str]:
+    """The columns of `metrics.csv` (final readout) and the keys of `summary.json`'s `final`."""
+    names = ["loss"]
+    for ref in references.for_task(task):
+        names += [f"{ref.name}_loss", *(f"{m}{suffix(task, ref.name)}" for m in alignment_metrics(task))]
+    return names + (["interpolated_loss"] if has_interpolation(task) else [])
+
+
+def per_layer_metrics(task: tasks.TaskKind) -> list[str]:
+    """The `layer<k>_*` columns: each layer's readout against as many steps of each stepwise reference."""
+    names = ["loss"]
+    for ref in references.for_task(task):
+        if ref.stepwise:
+            sfx = suffix(task, ref.name)
+            names += [f"{ref.name}_loss", f"preds_diff{sfx}", *([f"model_cos{sfx}"] if task.sensitivities else [])]
+    return names
+
+
+def interpolates(model_cfg, task: tasks.TaskKind) -> bool:
+    """The interpolation with the GD construction needs one-head linear-attention stacks on the
+    plain constructed tokens the construction is written for."""
+    layout = task.layout
+    return (model_cfg.heads == 1 and model_cfg.attention.name == "linear" and not model_cfg.layernorm
+            and not model_cfg.mlp and not model_cfg.input_mlp and not model_cfg.positional and not layout.copy_layer)
 
 
 def interpolate(weights: models.Weights, gd: models.Weights, input_dim: int) -> models.Weights:
     """Rescale `W_KQ` so that its x-block has mean diagonal 1 (the factor moves into `W_PV`),
-    then average each product with the GD construction's (SPEC section 5)."""
-    w_kq, w_pv = weights["w_kq"], weights["w_pv"]
-    scale = jnp.mean(jnp.diagonal(w_kq[..., :input_dim, :input_dim], axis1=-2, axis2=-1), axis=-1)
-    scale = scale[..., None, None]
+    then average each product with the GD construction's (docs/science.md section 5)."""
+    w_kq, w_pv = weights.layers.attn
+    scale = jnp.mean(jnp.diagonal(w_kq[..., :input_dim, :input_dim], axis1=-2, axis2=-1), axis=-1)[..., None, None]
     n = w_kq.shape[0]
-    return {"w_kq": 0.5 * (w_kq / scale + gd["w_kq"][:n]), "w_pv": 0.5 * (w_pv * scale + gd["w_pv"][:n])}
+    gd_kq, gd_pv = gd.layers.attn
+    return models.lsa(0.5 * (w_kq / scale + gd_kq[:n]), 0.5 * (w_pv * scale + gd_pv[:n]))
 
 
-def make_evaluator(graphdef: nnx.GraphDef, model_cfg, input_dim: int):
-    """`(params[S], refs) -> metrics[S]`, compiled and vmapped over seeds. Every metric is a
-    `[layers]` vector (readout after each layer against as many GD / GD++ steps)."""
-    with_interpolation = interpolates(model_cfg)
+def make_evaluator(model: models.Model, cfg: DictConfig, refs: References):
+    """`params[S] -> {metric: [S, K, P]}`, compiled and vmapped over seeds: the model's loss and its
+    alignment with every reference, for every readout and scored position."""
+    task, layout = refs.task, refs.task.layout
+    with_interpolation = has_interpolation(task) and interpolates(cfg.model, task)
+    gd_weights = None
+    if with_interpolation:
+        gd_weights = references.gd_weights(refs.params[task.references[0]], layout.input_dim, task.n_context)
 
-    def evaluate(params, eval_tasks, gd_eval, gdpp_eval, gd_weights):
-        model = nnx.merge(graphdef, params)
-        weights = model.weights()
-        ev = metrics.evaluate(functools.partial(models.forward, model.arch, weights), eval_tasks)
-        out = {"loss": metrics.losses(ev, eval_tasks.yq)}
-        out.update(metrics.alignment(ev, gd_eval))
-        out.update({f"{name}_gdpp": value for name, value in metrics.alignment(ev, gdpp_eval).items()})
-        if with_interpolation and model.arch.layout == tokens.Layout():
-            mixed = interpolate(weights, gd_weights, input_dim)
-            preds = models.predict_batch(model.arch, mixed, eval_tasks.x, eval_tasks.y, eval_tasks.xq)
-            out["interpolated_loss"] = 0.5 * jnp.mean((preds - eval_tasks.yq[:, None]) ** 2, axis=0)
-        else:
-            out["interpolated_loss"] = jnp.full(out["loss"].shape, jnp.nan)
+    def evaluate(params, batch, ref_evals, gd_weights):
+        weights = model.weights(params)
+
+        def predict(q_Pxd, tokens_TxD):
+            return models.forward(model.arch, weights, layout.place_queries(tokens_TxD, q_Pxd))
+
+        ev = metrics.evaluate(predict, batch.queries, batch.tokens, sensitivities=task.sensitivities)
+        out = {"loss": metrics.losses(ev, batch.targets, by_position=True)}
+        for name, ref_ev in ref_evals.items():
+            aligned = metrics.alignment(ev, ref_ev, by_position=True)
+            out.update({f"{m}{suffix(task, name)}": aligned[m] for m in alignment_metrics(task)})
+        if has_interpolation(task):
+            if gd_weights is None:
+                out["interpolated_loss"] = jnp.full(out["loss"].shape, jnp.nan)
+            else:
+                mixed = interpolate(weights, gd_weights, layout.input_dim)
+                mixed_ev = metrics.Evaluation(models.predict_batch(model.arch, mixed, batch.tokens))
+                out["interpolated_loss"] = metrics.losses(mixed_ev, batch.targets, by_position=True)
         return out
 
-    compiled = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None, None, None)))
-    return lambda params, refs: compiled(params, refs.eval_tasks, refs.gd_eval, refs.gdpp_eval, refs.gd_weights)
+    compiled = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None, None)))
+    return lambda params: compiled(params, refs.eval_batch, refs.evals, gd_weights)
 
 
-def metric_rows(step: int, evaluated: dict, refs: References) -> list[dict]:
-    """`metrics.csv` rows, one per seed: final-readout metrics, then `layer<k>_<metric>` columns."""
-    gd_losses = np.asarray(metrics.losses(refs.gd_eval, refs.eval_tasks.yq))
-    gdpp_losses = np.asarray(metrics.losses(refs.gdpp_eval, refs.eval_tasks.yq))
-    n_seeds, layers = np.asarray(evaluated["loss"]).shape
+def metric_rows(step: int, evaluated: dict, refs: References, layers: int) -> list[dict]:
+    """`metrics.csv` rows, one per seed: final-readout metrics averaged over positions, then
+    `layer<k>_<metric>` columns for deep models."""
+    task = refs.task
+    ref_losses = {f"{ref.name}_loss": refs.losses(ref.name).mean(-1) for ref in refs.fitted}
+    n_seeds = np.asarray(evaluated["loss"]).shape[0]
+    finals, per_layer = final_metrics(task), per_layer_metrics(task)
     rows = []
     for s in range(n_seeds):
-        per_layer = {name: np.asarray(value)[s] for name, value in evaluated.items()}
-        per_layer.update(gd_loss=gd_losses, gdpp_loss=gdpp_losses)
-        row = {"step": step, "seed": s}
-        row.update({name: float(per_layer[name][-1]) for name in FINAL_METRICS})
+        values = {name: np.asarray(value)[s].mean(-1) for name, value in evaluated.items()}  # [K] each
+        values.update(ref_losses)
+        row = {"step": step, "seed": s, **{name: float(values[name][-1]) for name in finals}}
         if layers > 1:
-            row.update({f"layer{k + 1}_{name}": float(per_layer[name][k]) for k in range(layers) for name in PER_LAYER_METRICS})
+            row.update({f"layer{k + 1}_{name}": float(values[name][min(k, len(values[name]) - 1)])
+                        for k in range(layers) for name in per_layer})
         rows.append(row)
     return rows
 
 
-@dataclass
-class RunResult:
-    run_dir: Path
-    summary: dict
+def per_layer_summary(rows: list[dict], task: tasks.TaskKind, layers: int) -> list[dict]:
+    """For each layer `k`: the readout after layer `k` against `k` steps of each stepwise reference."""
+    names = [n for n in per_layer_metrics(task) if not n.startswith("preds_diff") or not task.sensitivities]
+    if layers == 1:
+        return [{name: metrics.mean_ci95([r[name] for r in rows]) for name in names}]
+    return [{name: metrics.mean_ci95([r[f"layer{k}_{name}"] for r in rows]) for name in names}
+            for k in range(1, layers + 1)]
 
 
 def _version(package: str) -> str:
@@ -207,80 +236,139 @@ def environment() -> dict:
     return {"device": f"{device.platform}:{device.device_kind}", "n_devices": jax.device_count(), "versions": versions}
 
 
-def train(cfg: DictConfig, run_dir: Path, allow_empty_dir: bool = False, quiet: bool = False) -> RunResult:
-    """Train `train.seeds` seeds of the configured model, tracking every metric against GD and
-    GD++, per layer. Raises `TrainingDiverged` (after marking the run failed) if the loss stops
-    being finite.
-    """
+class _StopSignals:
+    """While active, SIGINT and SIGTERM (what SLURM sends on preemption) only set `received`, so
+    that the loop can finish its chunk, save and mark the run `interrupted`."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __enter__(self) -> _StopSignals:
+        try:
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread: signals stay with their owner
+            self._previous = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def train(cfg: DictConfig, run_dir: Path, allow_empty_dir: bool = False, quiet: bool = False) -> runs.Trained:
+    """Train `train.seeds` seeds of the configured model in a new run directory, tracking every
+    metric against the task's references, per layer. Raises `TrainingDiverged` (after marking the
+    run failed) if the loss stops being finite, `TrainingInterrupted` (after saving) on SIGINT /
+    SIGTERM."""
     config_lib.validate(cfg)
+    task = check(cfg)
     run = runs.RunDir.create(run_dir, cfg, allow_empty=allow_empty_dir)
-    started = time.time()
-    tc, n_seeds = cfg.train, int(cfg.train.seeds)
-    summary = {"status": "running", "experiment": cfg.name, "seeds": n_seeds, **environment()}
+    summary = {"status": "running", "experiment": cfg.name, "seeds": int(cfg.train.seeds), **environment()}
     run.write_summary(summary)
+    return _run(cfg, task, run, summary, start=0, quiet=quiet)
 
-    refs = compute_references(cfg)
+
+def resume(run_dir: Path, quiet: bool = False) -> runs.Trained:
+    """Continue an interrupted (or killed) run from its last checkpoint to `train.steps`,
+    appending to its `metrics.csv`; raises `runs.RunDirError` for a run that cannot be resumed."""
+    run, cfg, summary, step = runs.RunDir.open_for_resume(run_dir)
+    task = check(cfg)
+    summary.update(status="running", resumed_at=[*summary.get("resumed_at", []), step])
+    summary.pop("interruption", None)
+    run.write_summary(summary)
+    return _run(cfg, task, run, summary, start=step, quiet=quiet)
+
+
+def _run(cfg: DictConfig, task: tasks.TaskKind, run: runs.RunDir, summary: dict, start: int,
+         quiet: bool) -> runs.Trained:
+    """The training loop shared by `train` and `resume`: chunks of `train.eval_every` steps, an
+    evaluation after each (read once the next chunk is dispatched), checkpoints every
+    `train.checkpoint_every` evaluations and at the end."""
+    started, elapsed_before = time.time(), float(summary.get("wall_time_s", 0.0))
+    tc, layers = cfg.train, int(cfg.model.layers)
+    refs = compute_references(cfg, task)
     summary["references"] = refs.as_dict()
-    input_dim = refs.eval_tasks.x.shape[-1]
-    scale = config_lib.init_scale(cfg.model)
-    layout = tokens.Layout.from_config(cfg.task, cfg.model)
-    graphdef = models.graphdef(cfg.model, input_dim, scale, layout)
+    model = models.build(cfg.model, task.layout)
     optimizer = training.make_optimizer(tc)
-    init_keys, data_keys = training.seed_keys(tc.seed, n_seeds)
-    params, opt_state = training.init_states(cfg.model, input_dim, scale, optimizer, init_keys, layout)
-    train_chunk = training.make_train_chunk(graphdef, optimizer, tasks.sampler(cfg.task), tc.batch_size)
-    evaluator = make_evaluator(graphdef, cfg.model, input_dim)
+    init_keys, data_keys = training.seed_keys(int(tc.seed), int(tc.seeds))
+    params, opt_state = training.init_states(model, optimizer, init_keys)
+    checkpoints = runs.Checkpoints(run.path)
+    if start > 0:
+        params, opt_state = checkpoints.restore(start, params, opt_state)
+    run.truncate_metrics(start)  # rows past the checkpoint, from a run killed before it could save
+    train_chunk = training.make_train_chunk(model, optimizer, task, int(tc.batch_size))
+    evaluator = make_evaluator(model, cfg, refs)
+    wall = lambda: elapsed_before + time.time() - started  # noqa: E731
 
-    def record(step: int, evaluated, train_losses) -> list[dict]:
+    def fail(step: int, seed: int, reason: str):
+        summary.update(status="failed", failure={"step": step, "seed": seed, "reason": reason}, wall_time_s=wall())
+        run.write_summary(summary)
+        checkpoints.close()
+        raise TrainingDiverged(f"run diverged at step {step} (seed {seed}): {reason}; marked failed in {run.path}")
+
+    def record(step: int, evaluated, train_losses) -> tuple[list[dict], dict]:
         if train_losses is not None:
             train_losses = np.asarray(train_losses)
             bad = ~np.isfinite(train_losses)
             if bad.any():
                 seed, offset = np.argwhere(bad)[0]
                 fail(step - train_losses.shape[1] + int(offset) + 1, int(seed), "training loss is not finite")
-        rows = metric_rows(step, jax.device_get(evaluated), refs)
+        host = jax.device_get(evaluated)
+        rows = metric_rows(step, host, refs, layers)
         bad_seeds = [row["seed"] for row in rows if not np.isfinite(row["loss"])]
         if bad_seeds:
             fail(step, bad_seeds[0], "evaluation loss is not finite")
         run.append_metrics(rows)
-        return rows
+        return rows, host
 
-    def fail(step: int, seed: int, reason: str):
-        summary.update(status="failed", failure={"step": step, "seed": seed, "reason": reason},
-                       wall_time_s=time.time() - started)
-        run.write_summary(summary)
-        raise TrainingDiverged(f"run diverged at step {step} (seed {seed}): {reason}; marked failed in {run.path}")
-
-    rows = record(0, evaluator(params, refs), None)
-    pending = None  # the previous chunk's results, read only once the next chunk is dispatched
-    with TrainProgress(tc.steps, enabled=bool(tc.progress) and not quiet) as progress:
-        for start in range(0, tc.steps, tc.eval_every):
-            n = min(tc.eval_every, tc.steps - start)
-            params, opt_state, chunk_losses = train_chunk(params, opt_state, data_keys, start, n)
-            evaluated = evaluator(params, refs)
+    rows, last_eval = record(start, evaluator(params), None)
+    pending, step = None, start  # the previous chunk's results, read only once the next chunk is dispatched
+    chunks_done = 0
+    with _StopSignals() as stop, TrainProgress(int(tc.steps), enabled=bool(tc.progress) and not quiet,
+                                               start=start) as progress:
+        while step < tc.steps and stop.received is None:
+            n = min(int(tc.eval_every), int(tc.steps) - step)
+            params, opt_state, chunk_losses = train_chunk(params, opt_state, data_keys, step, n)
+            step += n
+            evaluated = evaluator(params)
             if pending is not None:
-                rows = record(*pending)
+                rows, last_eval = record(*pending)
                 progress.update(pending[0], float(np.mean(pending[2][:, -1])))
-            pending = (start + n, evaluated, chunk_losses)
-        rows = record(*pending)
-        progress.update(pending[0], float(np.mean(pending[2][:, -1])))
+            pending = (step, evaluated, chunk_losses)
+            chunks_done += 1
+            if chunks_done % int(tc.checkpoint_every) == 0 and step < tc.steps:
+                checkpoints.save(step, params, opt_state)
+        if pending is not None:
+            rows, last_eval = record(*pending)
+            progress.update(pending[0], float(np.mean(pending[2][:, -1])))
+    checkpoints.save(step, params, opt_state)
+    checkpoints.close()
+    if step < tc.steps:
+        assert stop.received is not None
+        name = signal.Signals(stop.received).name
+        summary.update(status="interrupted", interruption={"step": step, "signal": name}, wall_time_s=wall())
+        run.write_summary(summary)
+        raise TrainingInterrupted(f"{name} at step {step}: run saved and marked interrupted in {run.path}; "
+                                  f"continue with `icl-gd train --resume {run.path}`", stop.received)
 
-    run.save_checkpoint(params, tc.steps)
-    summary.update(status="completed", final={name: metrics.mean_ci95([r[name] for r in rows]) for name in FINAL_METRICS},
-                   per_layer=per_layer_summary(rows, refs.layers), wall_time_s=time.time() - started)
+    summary.update(status="completed", final=final_summary(rows, last_eval, task),
+                   per_layer=per_layer_summary(rows, task, layers), wall_time_s=wall())
     run.write_summary(summary)
-    df = runs.load_metrics(run.path)
-    plots.training_curves(df, summary, run.path / "plots" / "curves")
-    if refs.layers > 1:
-        plots.per_layer(df, summary, run.path / "plots" / "per_layer")
-    for name in cfg.analyses:
-        summary.setdefault("analyses", {})[name] = analyses.run(name, run.path)
-    return RunResult(run.path, summary)
+    trained = runs.Trained(run.path, cfg, task, model, params, summary)
+    plots.run_figures(runs.load_metrics(run.path), summary, run.path / "plots")
+    return trained
 
 
-def per_layer_summary(rows: list[dict], layers: int) -> list[dict]:
-    """For each layer `k`: the readout after layer `k` against `k` GD and GD++ steps, across seeds."""
-    names = ("loss", "gd_loss", "gdpp_loss", "model_cos", "model_cos_gdpp")
-    if layers == 1:
-        return [{name: metrics.mean_ci95([r[name] for r in rows]) for name in names}]
-    return [{name: metrics.mean_ci95([r[f"layer{k}_{name}"] for r in rows]) for name in names} for k in range(1, layers + 1)]
+def final_summary(rows: list[dict], evaluated: dict, task: tasks.TaskKind) -> dict:
+    """`final.<metric>` across seeds, and for sequence tasks the model's `loss_by_position`."""
+    out = {name: metrics.mean_ci95([r[name] for r in rows]) for name in final_metrics(task)}
+    loss_SxKxP = np.asarray(evaluated["loss"])
+    if loss_SxKxP.shape[-1] > 1:
+        out["loss_by_position"] = metrics.mean_ci95(loss_SxKxP[:, -1])
+    return out

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from icl_gd import metrics, references, tasks as tasks_lib
+from icl_gd.references.linalg import spd_solve
 from icl_gd.tasks import Tasks
 
 FLOOR = 1e-6  # normalised discrepancies below this (0.1% RMS of the model's predictions) count as zero
@@ -216,20 +217,6 @@ def families(dim: int, steps: int, noise_std: float = 0.0, w_std: float = 1.0) -
     return [Family(name, steps, dim, lam) for name in FAMILIES if name not in omitted], omitted
 
 
-def spd_solve(a_PxP: jax.Array, b_P: jax.Array) -> jax.Array:
-    """`a^-1 b` for a symmetric positive definite `a`, by Gauss-Jordan elimination without
-    pivoting (stable for SPD matrices), in plain `jnp`: `jnp.linalg.solve` is a batched LAPACK
-    call, and several of those side by side in one program can deadlock XLA's CPU thread pool
-    (`references.ridge_spectrum`); the families' fits all run in one program."""
-    n = a_PxP.shape[0]
-
-    def eliminate(k, m):
-        row = m[k] / m[k, k]
-        return (m - m[:, k, None].at[k].set(0.0) * row).at[k].set(row)
-
-    return jax.lax.fori_loop(0, n, eliminate, jnp.concatenate([a_PxP, b_P[:, None]], 1))[:, n]
-
-
 def levenberg_marquardt(residual: Callable[[jax.Array], jax.Array], theta0_P: jax.Array, n_tasks: int,
                         iters: int) -> jax.Array:
     """Minimise `sum(residual(theta)^2)` (`residual: [P] -> [n_tasks]`) by damped Gauss-Newton,
@@ -284,25 +271,27 @@ def agreement(model: metrics.Evaluation, other: metrics.Evaluation, yq_T: jax.Ar
     """Per readout `[K]`: SPEC section 5's preds diff, model cos and model diff, plus the
     normalised discrepancy `nmse = mean((f - m)^2) / var(m)` (`r2 = 1 - nmse`) and `other`'s loss."""
     out = metrics.alignment(model, other)
-    nmse = jnp.mean((other.preds - model.preds) ** 2, axis=0) / jnp.var(model.preds, axis=0)
-    out.update(nmse=nmse, r2=1.0 - nmse, loss=metrics.losses(other, yq_T))
+    m, o = model.preds[..., 0, 0], other.preds[..., 0, 0]  # [T, K]: one scored position, one output
+    nmse = jnp.mean((o - m) ** 2, axis=0) / jnp.var(m, axis=0)
+    out.update(nmse=nmse, r2=1.0 - nmse, loss=metrics.losses(other, yq_T[:, None, None]))
     return out
 
 
-def task_sets(task_cfg, key: jax.Array, n_tasks: int) -> dict[str, Tasks]:
-    """The fit set and the scoring sets: held-out tasks from the training law, and the same tasks
-    family with inputs scaled by 0.5 and 2, and from another input law of the same variance."""
-    law, scale = str(task_cfg.x_dist), float(task_cfg.x_scale)
+def task_sets(task, key: jax.Array, n_tasks: int) -> dict[str, Tasks]:
+    """The fit set and the scoring sets: held-out tasks from the training law (a linear-regression
+    task kind), and the same tasks with inputs scaled by 0.5 and 2, and from another input law of
+    the same variance."""
+    law, scale = task.x_dist, task.x_scale
     other = "uniform" if law == "gaussian" else "gaussian"
     matched = scale * math.sqrt(tasks_lib.input_law(law, 1.0).var / tasks_lib.input_law(other, 1.0).var)
-    samplers = {
-        "fit": tasks_lib.sampler(task_cfg),
-        HELDOUT: tasks_lib.sampler(task_cfg),
-        "x_scale_x0.5": tasks_lib.sampler(task_cfg, x_scale=0.5 * scale),
-        "x_scale_x2": tasks_lib.sampler(task_cfg, x_scale=2.0 * scale),
-        f"x_dist_{other}": tasks_lib.sampler(task_cfg, x_dist=other, x_scale=matched),
+    laws = {
+        "fit": task,
+        HELDOUT: task,
+        "x_scale_x0.5": task.shifted(x_scale=0.5 * scale),
+        "x_scale_x2": task.shifted(x_scale=2.0 * scale),
+        f"x_dist_{other}": task.shifted(x_dist=other, x_scale=matched),
     }
-    return {name: sample(jax.random.fold_in(key, i), n_tasks) for i, (name, sample) in enumerate(samplers.items())}
+    return {name: law.draw(jax.random.fold_in(key, i), n_tasks) for i, (name, law) in enumerate(laws.items())}
 
 
 def _stack(trees: list):
@@ -325,9 +314,9 @@ def _fit_and_score(sets: Tasks, spectra: references.RidgeSpectrum, model_ev: met
     rest = lambda tree: jax.tree_util.tree_map(lambda a: a[1:], tree)  # noqa: E731
 
     def one_seed(family, model_ev):
-        theta = fit(family, head(sets), head(spectra), model_ev.preds[0, :, -1], eta0, iters)
+        theta = fit(family, head(sets), head(spectra), model_ev.preds[0, :, -1, 0, 0], eta0, iters)
         predict = functools.partial(family.predict, theta)
-        score = lambda t, spec, ev: agreement(ev, metrics.evaluate(predict, t, spec), t.yq)  # noqa: E731
+        score = lambda t, spec, ev: agreement(ev, metrics.evaluate_tasks(predict, t, spec), t.yq)  # noqa: E731
         return {"theta": theta, "scores": jax.vmap(score)(rest(sets), rest(spectra), rest(model_ev))}
 
     return {f.name: jax.vmap(functools.partial(one_seed, f))(model_ev) for f in fams}
@@ -347,13 +336,13 @@ def fit_and_score(model_fn: ModelFn, fams: list[Family], params_S, sets: dict[st
 
     @jax.jit
     def evaluate_model(params_S, t):
-        evaluate = lambda p, t: metrics.evaluate(functools.partial(model_fn, p), t)  # noqa: E731
+        evaluate = lambda p, t: metrics.evaluate_tasks(functools.partial(model_fn, p), t)  # noqa: E731
         return jax.vmap(jax.vmap(evaluate, in_axes=(None, 0)), in_axes=(0, None))(params_S, t)
 
     model_ev = evaluate_model(params_S, stacked)
     spectra = _spectra(stacked.x, stacked.y)
     scored_ev = jax.tree_util.tree_map(lambda a: a[:, 1:], model_ev)
-    yq = jnp.broadcast_to(stacked.yq[1:], scored_ev.preds.shape[:3])
+    yq = jnp.broadcast_to(stacked.yq[1:, :, None, None], (*scored_ev.preds.shape[:3], 1, 1))
     model_loss = jax.vmap(jax.vmap(metrics.losses))(scored_ev, yq)
     fitted = _fit_and_score(stacked, spectra, model_ev, eta0, fams=tuple(fams), iters=iters)
     return jax.device_get({"model_loss": model_loss, "families": fitted})
@@ -420,13 +409,13 @@ def weight_structure(w_kq: np.ndarray, w_pv: np.ndarray, n_context: int) -> list
     return rows
 
 
-def explain(model_fn: ModelFn, params_S, task_cfg, key: jax.Array, *, steps: int, n_tasks: int = 2048,
+def explain(model_fn: ModelFn, params_S, task, key: jax.Array, *, steps: int, n_tasks: int = 2048,
             iters: int = 50) -> dict:
     """The whole test for a model given as `model_fn(params, x, y, xq) -> y_hat_K` with a leading
     seed axis on `params_S`: families fitted, scored, ranked; JSON-ready (means and 95% intervals
     across seeds, final readout unless `per_layer`)."""
-    fams, omitted = families(int(task_cfg.dim), steps, float(task_cfg.noise_std), float(task_cfg.w_std))
-    sets = task_sets(task_cfg, key, n_tasks)
+    fams, omitted = families(task.dim, steps, task.noise_std, task.w_std)
+    sets = task_sets(task, key, n_tasks)
     raw = fit_and_score(model_fn, fams, params_S, sets, iters)
     names = [f.name for f in fams]
     scoring = [name for name in sets if name != "fit"]

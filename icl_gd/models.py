@@ -1,162 +1,210 @@
-"""Transformers built from self-attention layers on in-context regression tokens (SPEC sections 2-3).
+"""Transformers of self-attention layers over token sequences (docs/science.md section 3).
 
-Every attention layer is described by the products `W_KQ = W_K^T W_Q` and `W_PV = W_P W_V`
-(one pair per head): they fix the layer's function, so trained models and the GD / GD++
-constructions of `references` run through the same pure `forward`. A `Transformer` (Flax
-NNX) holds the trainable factors and turns them into these products. With classic tokens a
-causal softmax layer (`copy_kq`, `copy_pv`, one-hot positions in the tokens) comes first; it has
-to learn to copy each `x_i` into its label's token before the attention layers can do GD.
+`forward(arch, weights, tokens)` is the one forward pass: it reads a task's token sequence
+(`tasks.Layout` says where the queries, the readout and the attention mask are) and returns the
+readout at every scored position after every layer, `[K, P, O]`. The layers run under
+`lax.scan` over a stacked weight structure (one entry, applied `K` times, when tied), so depth
+costs no compile time. `Weights` is explicit: attention as the products `W_KQ`, `W_PV` per layer
+and head, plus optional LayerNorm, MLP, input-MLP and copy-layer parameters. A `Transformer`
+(Flax NNX) holds the trainable factors; `Model` bundles its structure with `forward`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from icl_gd import tokens
+from icl_gd import attention
+from icl_gd.tasks import Layout, Mask, Regression
 
-Weights = dict  # {"w_kq": [L,H,D,D], "w_pv": [L,H,D,D], optional "ln_*", "mlp_*", "embed_*", "copy_*"}
+
+class LayerNorm(NamedTuple):
+    scale: jax.Array
+    bias: jax.Array
+
+
+class MLP(NamedTuple):
+    """`gelu(z W1 + b1) W2 + b2`."""
+
+    w1: jax.Array
+    b1: jax.Array
+    w2: jax.Array
+    b2: jax.Array
+
+
+class Attention(NamedTuple):
+    """One attention layer's products per head: `w_kq = W_K^T W_Q`, `w_pv = W_P W_V`, `[H, D, D]`
+    (with a leading layer axis when stacked)."""
+
+    w_kq: jax.Array
+    w_pv: jax.Array
+
+
+class Layers(NamedTuple):
+    """Layer weights stacked on a leading axis of length `K` (separate weights) or 1 (tied)."""
+
+    attn: Attention
+    ln_attn: Optional[LayerNorm] = None
+    ln_mlp: Optional[LayerNorm] = None
+    mlp: Optional[MLP] = None
+
+
+class Weights(NamedTuple):
+    """Everything `forward` reads besides the architecture."""
+
+    layers: Layers
+    embed: Optional[MLP] = None  # the input MLP, on the query slot of input tokens
+    copy: Optional[Attention] = None  # classic tokens: a causal softmax layer first, `[H, D, D]`
+
+
+def lsa(w_kq: jax.Array, w_pv: jax.Array) -> Weights:
+    """Plain linear self-attention stacks from `[K, H, D, D]` products (the GD / GD++ constructions)."""
+    return Weights(Layers(Attention(w_kq, w_pv)))
 
 
 @dataclass(frozen=True)
 class Architecture:
     """Static description of a forward pass: what `forward` needs besides the weights."""
 
+    layout: Layout
     layers: int = 1
     attention: str = "linear"
-    layernorm: bool = False
-    mlp: bool = False
     clip_activations: Optional[float] = None
     input_mlp: bool = False
-    layout: tokens.Layout = tokens.Layout()
+    positional: bool = False
 
     @classmethod
-    def from_config(cls, model_cfg, layout: tokens.Layout = tokens.Layout()) -> "Architecture":
-        return cls(
-            layers=int(model_cfg.layers),
-            attention=str(model_cfg.attention),
-            layernorm=bool(model_cfg.layernorm),
-            mlp=bool(model_cfg.mlp),
-            clip_activations=model_cfg.clip_activations,
-            input_mlp=bool(model_cfg.input_mlp),
-            layout=layout,
-        )
+    def from_config(cls, model_cfg, layout: Layout) -> Architecture:
+        return cls(layout=layout, layers=int(model_cfg.layers), attention=model_cfg.attention.name,
+                   clip_activations=model_cfg.clip_activations, input_mlp=bool(model_cfg.input_mlp),
+                   positional=bool(model_cfg.positional))
+
+    def deeper(self, layers: int) -> Architecture:
+        return dataclasses.replace(self, layers=layers)
+
+    def width(self, features: int) -> int:
+        """Token width inside the model, with `features` input-MLP features (when it has one)."""
+        extra = features - self.layout.input_dim if self.input_mlp else 0
+        return self.layout.width + extra + (self.layout.length if self.positional else 0)
+
+    def readout(self, weights: Weights) -> int:
+        """Index of the first readout coordinate inside the model (after the input MLP's features)."""
+        if self.input_mlp and self.layout.readout >= self.layout.query_slot + self.layout.input_dim:
+            assert weights.embed is not None
+            return self.layout.readout + weights.embed.w2.shape[-1] - self.layout.input_dim
+        return self.layout.readout
 
 
-def _layer_norm(z: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+def _layer_norm(z: jax.Array, p: LayerNorm) -> jax.Array:
     mean = z.mean(-1, keepdims=True)
     var = ((z - mean) ** 2).mean(-1, keepdims=True)
-    return (z - mean) * jax.lax.rsqrt(var + 1e-6) * scale + bias
+    return (z - mean) * jax.lax.rsqrt(var + 1e-6) * p.scale + p.bias
 
 
-def attend(queries_MxD: jax.Array, ctx_NxD: jax.Array, w_kq: jax.Array, w_pv: jax.Array, attention: str,
-           mask_NxM: Optional[jax.Array] = None) -> jax.Array:
-    """Update of each query token: `sum_h W_PV_h sum_i a_ij e_i` with `a_ij` from `e_i^T W_KQ_h e_j`.
-
-    Linear attention uses the scores as they are (SPEC section 3); softmax normalises them over
-    the context tokens (scaled by 1/sqrt(D)). Keys and values come from the context only, and
-    only where `mask_NxM` is true when given. The order of products keeps the cost at
-    O(H (N + D) D M) for M queries.
-    """
-    scores_HxNxM = jnp.einsum("nd,hde,me->hnm", ctx_NxD, w_kq, queries_MxD)
-    if attention == "softmax":
-        scores_HxNxM = scores_HxNxM / jnp.sqrt(ctx_NxD.shape[-1])
-        if mask_NxM is not None:
-            scores_HxNxM = jnp.where(mask_NxM, scores_HxNxM, -jnp.inf)
-        scores_HxNxM = jax.nn.softmax(scores_HxNxM, axis=1)
-    elif mask_NxM is not None:
-        scores_HxNxM = scores_HxNxM * mask_NxM
-    pooled_HxMxD = jnp.einsum("hnm,nd->hmd", scores_HxNxM, ctx_NxD)
-    return jnp.einsum("hed,hmd->me", w_pv, pooled_HxMxD)
+def mlp(z: jax.Array, p: MLP) -> jax.Array:
+    return jax.nn.gelu(z @ p.w1 + p.b1) @ p.w2 + p.b2
 
 
-def _mlp(z: jax.Array, w1, b1, w2, b2) -> jax.Array:
-    return jax.nn.gelu(z @ w1 + b1) @ w2 + b2
-
-
-def embed_inputs(weights: Weights, x: jax.Array) -> jax.Array:
-    """The input MLP: raw inputs `[..., d]` to learned features `[..., F]`."""
-    hidden = jax.nn.gelu(x @ weights["embed_w1"] + weights["embed_b1"])
-    return hidden @ weights["embed_w2"] + weights["embed_b2"]
-
-
-def copy_layer(weights: Weights, seq_MxD: jax.Array) -> jax.Array:
-    """The first layer for classic tokens: causal softmax self-attention (token j attends to the
-    tokens i <= j, itself included) with a residual connection, over the whole sequence."""
-    m = seq_MxD.shape[0]
-    causal_MxM = jnp.tri(m, dtype=bool).T  # [i, j]: key i <= query j
-    return seq_MxD + attend(seq_MxD, seq_MxD, weights["copy_kq"], weights["copy_pv"], "softmax", causal_MxM)
-
-
-def forward(arch: Architecture, weights: Weights, x_Nxd: jax.Array, y_N: jax.Array, xq_d: jax.Array) -> jax.Array:
-    """Predictions `y_hat` read out after each layer, `[layers]`, for one task.
-
-    `y_hat = -(query token's label slot)`. A weight stack of length 1 is applied at every
-    layer (weight tying); the last layer updates only the query token, the only one read out.
-    Classic tokens pass through `copy_layer` first (it has no readout of its own).
-    """
+def embed(arch: Architecture, weights: Weights, tokens_TxD: jax.Array) -> jax.Array:
+    """The model's input sequence: the input MLP's features in place of the query slot of the input
+    tokens (zeros in the others), then one-hot positions appended when the model has them."""
+    layout = arch.layout
     if arch.input_mlp:
-        x_Nxd, xq_d = embed_inputs(weights, x_Nxd), embed_inputs(weights, xq_d)
-    ctx, query = tokens.build(arch.layout, x_Nxd, y_N, xq_d)
-    if arch.layout.kind == "classic":
-        seq = copy_layer(weights, jnp.concatenate([ctx, query[None]]))
-        ctx, query = seq[:-1], seq[-1]
-    n_weights = weights["w_kq"].shape[0]
-    readouts = []
-    for layer in range(arch.layers):
-        i = layer if n_weights > 1 else 0
-        last = layer == arch.layers - 1
-        if arch.layernorm:
-            norm = lambda z: _layer_norm(z, weights["ln_attn_scale"][i], weights["ln_attn_bias"][i])  # noqa: E731
-            h_ctx, h_query = norm(ctx), norm(query)
-        else:
-            h_ctx, h_query = ctx, query
-        attn_in = h_query[None] if last else jnp.concatenate([h_ctx, h_query[None]])
-        update = attend(attn_in, h_ctx, weights["w_kq"][i], weights["w_pv"][i], arch.attention)
-        query = query + update[-1]
-        if not last:
-            ctx = ctx + update[:-1]
-        if arch.mlp:
-            mlp_weights = [weights[k][i] for k in ("mlp_w1", "mlp_b1", "mlp_w2", "mlp_b2")]
-            if arch.layernorm:
-                norm = lambda z: _layer_norm(z, weights["ln_mlp_scale"][i], weights["ln_mlp_bias"][i])  # noqa: E731
-            else:
-                norm = lambda z: z  # noqa: E731
-            query = query + _mlp(norm(query), *mlp_weights)
-            if not last:
-                ctx = ctx + _mlp(norm(ctx), *mlp_weights)
-        if arch.clip_activations is not None:
-            query = jnp.clip(query, -arch.clip_activations, arch.clip_activations)
-            ctx = jnp.clip(ctx, -arch.clip_activations, arch.clip_activations)
-        readouts.append(-query[arch.layout.label])
-    return jnp.stack(readouts)
+        assert weights.embed is not None and layout.input_tokens is not None
+        start, stop = layout.query_slot, layout.query_slot + layout.input_dim
+        is_input = np.isin(np.arange(layout.length), layout.input_tokens)[:, None]
+        features = jnp.where(is_input, mlp(tokens_TxD[:, start:stop], weights.embed), 0.0)
+        tokens_TxD = jnp.concatenate([tokens_TxD[:, :start], features, tokens_TxD[:, stop:]], axis=-1)
+    if arch.positional:
+        tokens_TxD = jnp.concatenate([tokens_TxD, jnp.eye(layout.length, dtype=tokens_TxD.dtype)], axis=-1)
+    return tokens_TxD
 
 
-def predict_batch(arch: Architecture, weights: Weights, x, y, xq) -> jax.Array:
-    """`forward` over a batch of tasks: `[B, layers]`."""
-    return jax.vmap(forward, in_axes=(None, None, 0, 0, 0))(arch, weights, x, y, xq)
+def copy_layer(copy: Attention, tokens_TxD: jax.Array) -> jax.Array:
+    """Classic tokens' first layer: causal softmax self-attention over the whole sequence (token j
+    attends to the tokens i <= j), with a residual connection."""
+    positions = tuple(range(tokens_TxD.shape[0]))
+    return tokens_TxD + attention.softmax(tokens_TxD, positions, copy.w_kq, copy.w_pv, Mask(causal=True))
+
+
+def layer(arch: Architecture, w: Layers, tokens_TxD: jax.Array, positions: tuple[int, ...]) -> jax.Array:
+    """One block on the tokens at `positions` (`[M, D]`): attention (pre-LN when the weights have
+    LayerNorms), then the MLP, each with a residual connection, then the activation clip."""
+    h = tokens_TxD if w.ln_attn is None else _layer_norm(tokens_TxD, w.ln_attn)
+    out = attention.take(tokens_TxD, positions)
+    out = out + attention.REGISTRY[arch.attention](h, positions, w.attn.w_kq, w.attn.w_pv, arch.layout.mask)
+    if w.mlp is not None:
+        out = out + mlp(out if w.ln_mlp is None else _layer_norm(out, w.ln_mlp), w.mlp)
+    if arch.clip_activations is not None:
+        out = jnp.clip(out, -arch.clip_activations, arch.clip_activations)
+    return out
+
+
+def forward(arch: Architecture, weights: Weights, tokens_TxD: jax.Array) -> jax.Array:
+    """Readouts after each layer at each scored position, `[K, P, O]`, for one token sequence.
+
+    Layers `1..K-1` update every token under one `lax.scan`; the last updates only the scored
+    tokens, the only ones read out. A weight stack of length 1 is applied at every layer.
+    """
+    layout = arch.layout
+    n_sets = weights.layers.attn.w_kq.shape[0]
+    if n_sets not in (1, arch.layers):
+        raise ValueError(f"model.layers: got {arch.layers} layers for {n_sets} weight sets; allowed: 1 or {n_sets}")
+    start = arch.readout(weights)
+    read = lambda t: layout.readout_sign * t[:, start:start + layout.output_dim]  # noqa: E731
+    at = lambda i: jax.tree_util.tree_map(lambda a: a[i], weights.layers)  # noqa: E731
+
+    tokens_TxD = embed(arch, weights, tokens_TxD)
+    if weights.copy is not None:
+        tokens_TxD = copy_layer(weights.copy, tokens_TxD)
+    everywhere = tuple(range(layout.length))
+
+    def body(tokens, i):
+        tokens = layer(arch, at(i if n_sets > 1 else 0), tokens, everywhere)
+        return tokens, read(attention.take(tokens, layout.scored))
+
+    tokens_TxD, early_KxPxO = jax.lax.scan(body, tokens_TxD, jnp.arange(arch.layers - 1))
+    last = layer(arch, at(arch.layers - 1 if n_sets > 1 else 0), tokens_TxD, layout.scored)
+    return jnp.concatenate([early_KxPxO, read(last)[None]])
+
+
+def predict_batch(arch: Architecture, weights: Weights, tokens_BxTxD: jax.Array) -> jax.Array:
+    """`forward` over a batch of sequences: `[B, K, P, O]`."""
+    return jax.vmap(forward, in_axes=(None, None, 0))(arch, weights, tokens_BxTxD)
+
+
+def regression_readout(arch: Architecture, weights: Weights, task: Regression, x_Nxd: jax.Array, y_N: jax.Array,
+                       xq_d: jax.Array) -> jax.Array:
+    """A regression task's prediction after each layer, `[K]`: `forward` on the task's tokens."""
+    return forward(arch, weights, task.tokenize(x_Nxd, y_N, xq_d))[:, 0, 0]
+
+
+def init_scale(model_cfg) -> float:
+    """Variance-scaling factor of the initial weights: `model.init_scale`, or the paper's `0.002 / K`."""
+    return float(model_cfg.init_scale) if model_cfg.init_scale is not None else 0.002 / int(model_cfg.layers)
 
 
 class Transformer(nnx.Module):
     """Trainable factors `W_Q, W_K, W_V, W_P` per layer and head (plus LayerNorm / MLPs).
 
-    Weights are stacked over layers (`[L, H, D, D]`); a recurrent model keeps one stack entry
+    Factors are stacked over layers (`[L, H, D, D]`); a recurrent model keeps one stack entry
     and applies it `layers` times. Initialisation: variance scaling (fan-in, truncated normal)
-    with scale `init_scale`, as in the paper's code. `layout` fixes the token width and whether a
-    causal copy layer (factors `copy_q, copy_k, copy_v, copy_p`, `[H, D, D]`) comes first.
+    with scale `init_scale`, as in the paper's code. With classic tokens a causal copy layer
+    (factors `copy_q, copy_k, copy_v, copy_p`, `[H, D, D]`) comes first.
     """
 
-    def __init__(self, model_cfg, input_dim: int, init_scale: float, rngs: nnx.Rngs,
-                 layout: tokens.Layout = tokens.Layout()):
+    def __init__(self, model_cfg, layout: Layout, init_scale: float, rngs: nnx.Rngs):
         self.arch = Architecture.from_config(model_cfg, layout)
         n = 1 if model_cfg.recurrent else int(model_cfg.layers)
         heads = int(model_cfg.heads)
-        features = int(model_cfg.input_mlp_features) if model_cfg.input_mlp else input_dim
-        dim = layout.dim(features)
+        features = int(model_cfg.input_mlp_features)
+        dim = self.arch.width(features)
         init = jax.nn.initializers.variance_scaling(
             init_scale, "fan_in", "truncated_normal", in_axis=-1, out_axis=-2, batch_axis=(0, 1)
         )
@@ -167,56 +215,83 @@ class Transformer(nnx.Module):
         self.w_k = nnx.Param(init(rngs.params(), (n, heads, dim, dim)))
         self.w_v = nnx.Param(init(rngs.params(), (n, heads, dim, dim)))
         self.w_p = nnx.Param(init_p(rngs.params(), (n, heads, dim, dim)))
-        if layout.kind == "classic":
+        self.copy_q = self.copy_k = self.copy_v = self.copy_p = None
+        if layout.copy_layer:
             self.copy_q = nnx.Param(init(rngs.params(), (1, heads, dim, dim))[0])
             self.copy_k = nnx.Param(init(rngs.params(), (1, heads, dim, dim))[0])
             self.copy_v = nnx.Param(init(rngs.params(), (1, heads, dim, dim))[0])
             self.copy_p = nnx.Param(init_p(rngs.params(), (1, heads, dim, dim))[0])
         dense = jax.nn.initializers.variance_scaling(init_scale, "fan_in", "truncated_normal")
+        self.ln_attn_scale = self.ln_attn_bias = self.ln_mlp_scale = self.ln_mlp_bias = None
         if model_cfg.layernorm:
             self.ln_attn_scale = nnx.Param(jnp.ones((n, dim)))
             self.ln_attn_bias = nnx.Param(jnp.zeros((n, dim)))
             if model_cfg.mlp:
                 self.ln_mlp_scale = nnx.Param(jnp.ones((n, dim)))
                 self.ln_mlp_bias = nnx.Param(jnp.zeros((n, dim)))
+        self.mlp_w1 = self.mlp_b1 = self.mlp_w2 = self.mlp_b2 = None
         if model_cfg.mlp:
             width = int(model_cfg.mlp_width)
             self.mlp_w1 = nnx.Param(jax.vmap(lambda k: dense(k, (dim, width)))(jax.random.split(rngs.params(), n)))
             self.mlp_b1 = nnx.Param(jnp.zeros((n, width)))
             self.mlp_w2 = nnx.Param(jax.vmap(lambda k: dense(k, (width, dim)))(jax.random.split(rngs.params(), n)))
             self.mlp_b2 = nnx.Param(jnp.zeros((n, dim)))
+        self.embed_w1 = self.embed_b1 = self.embed_w2 = self.embed_b2 = None
         if model_cfg.input_mlp:
-            width = int(model_cfg.input_mlp_width)
-            he = jax.nn.initializers.he_normal()
-            self.embed_w1 = nnx.Param(he(rngs.params(), (input_dim, width)))
+            width, he = int(model_cfg.input_mlp_width), jax.nn.initializers.he_normal()
+            self.embed_w1 = nnx.Param(he(rngs.params(), (layout.input_dim, width)))
             self.embed_b1 = nnx.Param(jnp.zeros((width,)))
             self.embed_w2 = nnx.Param(he(rngs.params(), (width, features)))
             self.embed_b2 = nnx.Param(jnp.zeros((features,)))
 
     def weights(self) -> Weights:
-        """Attention as products per layer and head, plus any LayerNorm / MLP parameters."""
-        out = {
-            "w_kq": jnp.einsum("lhkd,lhke->lhde", self.w_k[...], self.w_q[...]),
-            "w_pv": jnp.einsum("lhdk,lhke->lhde", self.w_p[...], self.w_v[...]),
-        }
-        if self.arch.layout.kind == "classic":
-            out["copy_kq"] = jnp.einsum("hkd,hke->hde", self.copy_k[...], self.copy_q[...])
-            out["copy_pv"] = jnp.einsum("hdk,hke->hde", self.copy_p[...], self.copy_v[...])
-        for name, value in vars(self).items():
-            if isinstance(value, nnx.Param) and name.split("_")[0] in ("ln", "mlp", "embed"):
-                out[name] = value[...]
-        return out
+        """The explicit `Weights`: attention as products per layer and head, and the rest."""
+        value = lambda p: None if p is None else p[...]  # noqa: E731
+        pair = lambda a, b: None if a is None else LayerNorm(value(a), value(b))  # noqa: E731
+        four = lambda *ps: None if ps[0] is None else MLP(*map(value, ps))  # noqa: E731
+        copy = None
+        if self.copy_q is not None:
+            copy = Attention(jnp.einsum("hkd,hke->hde", self.copy_k[...], self.copy_q[...]),
+                             jnp.einsum("hdk,hke->hde", self.copy_p[...], self.copy_v[...]))
+        layers = Layers(
+            attn=Attention(jnp.einsum("lhkd,lhke->lhde", self.w_k[...], self.w_q[...]),
+                           jnp.einsum("lhdk,lhke->lhde", self.w_p[...], self.w_v[...])),
+            ln_attn=pair(self.ln_attn_scale, self.ln_attn_bias),
+            ln_mlp=pair(self.ln_mlp_scale, self.ln_mlp_bias),
+            mlp=four(self.mlp_w1, self.mlp_b1, self.mlp_w2, self.mlp_b2),
+        )
+        return Weights(layers, embed=four(self.embed_w1, self.embed_b1, self.embed_w2, self.embed_b2), copy=copy)
 
-    def __call__(self, x_Nxd: jax.Array, y_N: jax.Array, xq_d: jax.Array) -> jax.Array:
-        return forward(self.arch, self.weights(), x_Nxd, y_N, xq_d)
-
-
-def init_params(model_cfg, input_dim: int, init_scale: float, key: jax.Array,
-                layout: tokens.Layout = tokens.Layout()) -> nnx.State:
-    """Parameters of a fresh `Transformer` (a pytree; `jax.vmap` it over seed keys)."""
-    return nnx.split(Transformer(model_cfg, input_dim, init_scale, nnx.Rngs(params=key), layout))[1]
+    def __call__(self, tokens_TxD: jax.Array) -> jax.Array:
+        return forward(self.arch, self.weights(), tokens_TxD)
 
 
-def graphdef(model_cfg, input_dim: int, init_scale: float, layout: tokens.Layout = tokens.Layout()) -> nnx.GraphDef:
-    """The static structure that `nnx.merge` combines with parameters from `init_params`."""
-    return nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, input_dim, init_scale, nnx.Rngs(0), layout)))
+class Model(NamedTuple):
+    """A configured model: its static structure, the function that draws fresh parameters from a
+    key (vmap it over seed keys), and the pure functions of those parameters."""
+
+    graphdef: nnx.GraphDef
+    arch: Architecture
+    init: Callable[[jax.Array], nnx.State]
+
+    def weights(self, params: nnx.State) -> Weights:
+        return nnx.merge(self.graphdef, params).weights()
+
+    def predict(self, params: nnx.State, tokens_BxTxD: jax.Array) -> jax.Array:
+        """Readouts `[B, K, P, O]`."""
+        return predict_batch(self.arch, self.weights(params), tokens_BxTxD)
+
+    def module(self, params: nnx.State) -> Transformer:
+        return nnx.merge(self.graphdef, params)
+
+
+def build(model_cfg, layout: Layout, scale: Optional[float] = None) -> Model:
+    """The model a config describes for a task layout (`scale` overrides the init scale)."""
+    scale = init_scale(model_cfg) if scale is None else scale
+
+    def init(key: jax.Array) -> nnx.State:
+        return nnx.split(Transformer(model_cfg, layout, scale, nnx.Rngs(params=key)))[1]
+
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, layout, scale, nnx.Rngs(0)))
+    graphdef = nnx.graphdef(abstract)
+    return Model(graphdef, Architecture.from_config(model_cfg, layout), init)

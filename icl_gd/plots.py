@@ -50,62 +50,120 @@ def save(fig, stem: Path) -> list[Path]:
     return paths
 
 
+def tracked_references(df: pd.DataFrame, summary: dict) -> list[str]:
+    """The references a run tracked (columns `<name>_loss`), primary first (as in `summary.json`)."""
+    return [name for name in summary.get("references", {}) if f"{name}_loss" in df]
+
+
+def _column(metric: str, ref: str, primary: str) -> str:
+    return metric if ref == primary else f"{metric}_{ref}"
+
+
+REFERENCE_STYLES = ("-", "--", "-.", ":")
+
+
 def training_curves(df: pd.DataFrame, summary: dict, stem: Path) -> list[Path]:
-    """Four panels over training: loss (with GD, GD++ and interpolated), then preds diff, model
-    cos and model diff to GD (solid) and to GD++ (dashed); mean over seeds, 95% band, each seed."""
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    refs = summary.get("references", {})
-    steps = refs["gd"]["steps"]
-    for ax, (column, title, scale) in zip(axes, PANELS):
-        _plot_band(ax, df, column, "to GD" if column != "loss" else "trained model (thin: seeds)", seeds=True)
-        if column != "loss" and f"{column}_gdpp" in df and steps > 1:
-            _plot_band(ax, df, f"{column}_gdpp", "to GD++", linestyle="--")
-            ax.legend(fontsize=8)
-        ax.set_title(title if steps == 1 else title.replace("to GD", "to GD / GD++"))
+    """The loss (with each reference's loss and the interpolated model), then preds diff, model cos
+    and model diff to each reference over training; mean over seeds, 95% band, each seed."""
+    refs = tracked_references(df, summary)
+    primary = refs[0]
+    panels = [p for p in PANELS if p[0] in df]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.8), squeeze=False)
+    axes = axes[0]
+    _plot_band(axes[0], df, "loss", "trained model (thin: seeds)", seeds=True)
+    for i, ref in enumerate(refs):
+        entry = summary["references"][ref]
+        steps = f", {entry['steps']} step(s)" if "steps" in entry else ""
+        axes[0].axhline(entry["loss"], color=f"C{i + 1}", linestyle=REFERENCE_STYLES[i % 4],
+                        label=f"{ref}{steps}: {entry['loss']:.4g}")
+    if "interpolated_loss" in df and df["interpolated_loss"].notna().any():
+        _plot_band(axes[0], df, "interpolated_loss", "interpolated", linestyle=":")
+    # Keep the model in view: the interpolated model explodes while W_KQ's diagonal is near 0, and a
+    # reference may be exact (OLS on noiseless tasks), far below it (its loss is in the legend).
+    axes[0].set_yscale("log")
+    axes[0].set_ylim(0.5 * float(df["loss"].min()), 1.5 * float(df["loss"].max()))
+    for ax, (column, title, scale) in zip(axes[1:], panels[1:], strict=True):
+        for i, ref in enumerate(refs):
+            _plot_band(ax, df, _column(column, ref, primary), f"to {ref}", color=f"C{i + 1}",
+                       linestyle=REFERENCE_STYLES[i % 4], seeds=ref == primary)
+        ax.set_title(title.replace("to GD", "to each reference"))
+        ax.legend(fontsize=7)
+    if "model_cos" in df:
+        axes[[p[0] for p in panels].index("model_cos")].set_ylim(top=1.02)
+    axes[0].set_title("loss")
+    for ax, (_, _, scale) in zip(axes, panels, strict=True):
         ax.set_xlabel("training step")
         ax.set_yscale(scale)
         ax.grid(alpha=0.3)
-    axes[0].axhline(refs["gd"]["loss"], color="k", linestyle="--", label=f"GD ({steps} step(s))")
-    if steps > 1 and refs.get("gdpp"):
-        axes[0].axhline(refs["gdpp"]["loss"], color="C3", linestyle="-.", label=f"GD++ ({steps} steps)")
-    if "interpolated_loss" in df and df["interpolated_loss"].notna().any():
-        _plot_band(axes[0], df, "interpolated_loss", "interpolated", linestyle=":")
-    # The interpolated model explodes while W_KQ's diagonal is near 0: keep the model in view.
-    axes[0].set_ylim(top=1.5 * float(df["loss"].max()))
-    axes[2].set_ylim(top=1.02)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     seeds = summary.get("seeds", 1)
     fig.suptitle(f"{summary.get('experiment', '')}: {seeds} seed(s), mean and 95% interval", fontsize=10)
     return save(fig, stem)
 
 
 def per_layer(df: pd.DataFrame, summary: dict, stem: Path) -> list[Path]:
-    """Readout after layer k against k steps of GD and GD++: final loss and model cos per layer,
-    and each layer's model cos to GD++ over training."""
+    """Readout after layer k against k steps of each stepwise reference: final loss and alignment
+    per layer, and each layer's alignment with the last stepwise reference over training."""
     layers = summary["per_layer"]
     ks = np.arange(1, len(layers) + 1)
+    refs = [r for r in tracked_references(df, summary) if f"{r}_loss" in layers[0]]
+    align = "model_cos" if "model_cos" in layers[0] else "preds_diff"
     mean = lambda name: np.array([layer[name]["mean"] for layer in layers])  # noqa: E731
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     axes[0].plot(ks, mean("loss"), "o-", label="trained model")
-    axes[0].plot(ks, mean("gd_loss"), "s--", color="k", label="GD, k steps")
-    axes[0].plot(ks, mean("gdpp_loss"), "^-.", color="C3", label="GD++, k steps")
+    for i, ref in enumerate(refs):
+        style = dict(color=f"C{i + 1}", linestyle=REFERENCE_STYLES[(i + 1) % 4], marker="s^vo"[i % 4])
+        axes[0].plot(ks, mean(f"{ref}_loss"), label=f"{ref}, k steps", **style)
+        axes[1].plot(ks, mean(_column(align, ref, refs[0])), label=f"to {ref}", **style)
     axes[0].set_yscale("log")
     axes[0].set_title("loss of the readout after layer k")
-    axes[1].plot(ks, mean("model_cos"), "s--", color="k", label="to GD")
-    axes[1].plot(ks, mean("model_cos_gdpp"), "^-.", color="C3", label="to GD++")
-    axes[1].set_title("model cos after layer k")
+    axes[1].set_title(f"{align.replace('_', ' ')} after layer k")
     for ax in axes[:2]:
         ax.set_xlabel("layer k")
         ax.set_xticks(ks)
+    last = refs[-1]
     for k in ks:
-        _plot_band(axes[2], df, f"layer{k}_model_cos_gdpp", f"layer {k}")
-    axes[2].set_title("model cos to GD++ over training")
+        _plot_band(axes[2], df, f"layer{k}_{_column(align, last, refs[0])}", f"layer {k}")
+    axes[2].set_title(f"{align.replace('_', ' ')} to {last} over training")
     axes[2].set_xlabel("training step")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{summary.get('experiment', '')}: per-layer readouts against GD / GD++ steps", fontsize=10)
+    fig.suptitle(f"{summary.get('experiment', '')}: per-layer readouts against k reference steps", fontsize=10)
     return save(fig, stem)
+
+
+def loss_by_position(summary: dict, stem: Path) -> list[Path]:
+    """Sequence tasks: the trained model's final loss at each position (mean, 95% interval over
+    seeds) against each reference's."""
+    model = summary["final"]["loss_by_position"]
+    positions = np.arange(1, len(model["mean"]) + 1)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(positions, model["mean"], "o-", markersize=3, color="C0", label="trained model")
+    if model["ci95"][0][0] is not None:
+        ax.fill_between(positions, model["ci95"][0], model["ci95"][1], color="C0", alpha=0.2, linewidth=0)
+    for i, (name, entry) in enumerate(summary["references"].items()):
+        if isinstance(entry, dict) and "loss_by_position" in entry:
+            ax.plot(positions, entry["loss_by_position"], color=f"C{i + 1}", linestyle=REFERENCE_STYLES[i % 4],
+                    label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("position t (predicting s_{t+1} from s_1..s_t)")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{summary.get('experiment', '')}: loss by position, {summary.get('seeds', 1)} seed(s)", fontsize=10)
+    return save(fig, stem)
+
+
+def run_figures(df: pd.DataFrame, summary: dict, out: Path) -> list[Path]:
+    """Every figure of a finished run: training curves, per-layer readouts for deep models, loss by
+    position for sequence tasks."""
+    paths = training_curves(df, summary, out / "curves")
+    if len(summary["per_layer"]) > 1:
+        paths += per_layer(df, summary, out / "per_layer")
+    if "loss_by_position" in summary["final"]:
+        paths += loss_by_position(summary, out / "loss_by_position")
+    return paths
 
 
 def compare(frames: dict[str, pd.DataFrame], stem: Path) -> list[Path]:
@@ -187,6 +245,7 @@ def token_dependence(norms_MxM: np.ndarray, shares: pd.DataFrame, stem: Path) ->
     right.set_ylim(0, 1)
     right.grid(alpha=0.3, axis="y")
     fig.suptitle("classic tokens: what the first layer's update of each token depends on", fontsize=10)
+    return save(fig, stem)
 
 def weight_heatmaps(w_kq: np.ndarray, w_pv: np.ndarray, stem: Path, title: str = "") -> list[Path]:
     """`W_KQ = W_K^T W_Q` and `W_PV = W_P W_V` of every layer (rows) and head, side by side, each

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class TrainProgress:
-    def __init__(self, total_steps: int, enabled: bool = True, description: str = "training"):
+    def __init__(self, total_steps: int, enabled: bool = True, description: str = "training", start: int = 0):
         console = Console(stderr=True)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -21,10 +21,11 @@ class TrainProgress:
             console=console,
             disable=not (enabled and console.is_terminal),
         )
-        self._task = self._progress.add_task(description, total=total_steps, rate=0.0, loss="-")
+        self._task = self._progress.add_task(description, total=total_steps, completed=start, rate=0.0, loss="-")
+        self._start_step = start
         self._started = 0.0
 
-    def __enter__(self) -> "TrainProgress":
+    def __enter__(self) -> TrainProgress:
         self._progress.__enter__()
         self._started = time.perf_counter()
         return self
@@ -34,5 +35,5 @@ class TrainProgress:
 
     def update(self, step: int, loss: float) -> None:
         """Show `step` steps done and the current training loss (mean over seeds)."""
-        rate = step / max(time.perf_counter() - self._started, 1e-9)
+        rate = (step - self._start_step) / max(time.perf_counter() - self._started, 1e-9)
         self._progress.update(self._task, completed=step, rate=rate, loss=f"{loss:.4f}")

@@ -1,21 +1,20 @@
 """Training compiled as a whole: `jit(vmap(scan))` over the steps between two evaluations,
-independent seeds side by side, fresh tasks sampled on device from `fold_in(data_key, step)`.
+independent seeds side by side, fresh batches sampled on device from `fold_in(data_key, step)`
+(so a run resumed at step `k` sees the batches an uninterrupted one would).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
-from icl_gd import models, references, tokens
+from icl_gd.models import Model
+from icl_gd.tasks import TaskKind
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
-    """AdamW behind global-norm gradient clipping (SPEC section 7)."""
+    """AdamW behind global-norm gradient clipping (docs/science.md section 7)."""
     return optax.chain(
         optax.clip_by_global_norm(train_cfg.clip_norm),
         optax.adamw(train_cfg.lr, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay),
@@ -29,22 +28,26 @@ def seed_keys(seed: int, n_seeds: int) -> tuple[jax.Array, jax.Array]:
             jax.vmap(lambda k: jax.random.fold_in(k, 1))(per_seed))
 
 
-def make_loss(graphdef: nnx.GraphDef, sample: Callable, batch_size: int):
-    """Loss of parameters on a fresh batch drawn from `key` (final readout only)."""
+def batch_loss(preds_BxPxO: jax.Array, targets_BxPxO: jax.Array) -> jax.Array:
+    """`0.5 ||y_hat - y||^2` summed over output coordinates, averaged over positions and sequences
+    (docs/science.md sections 5 and 8; `0.5 mean (y_hat - y_q)^2` for regression)."""
+    return 0.5 * jnp.mean(jnp.sum((preds_BxPxO - targets_BxPxO) ** 2, axis=-1))
+
+
+def make_loss(model: Model, task: TaskKind, batch_size: int):
+    """Loss of parameters on a fresh batch drawn from `key` (final readout)."""
 
     def loss_fn(params, key):
-        t = sample(key, batch_size)
-        model = nnx.merge(graphdef, params)
-        preds = models.predict_batch(model.arch, model.weights(), t.x, t.y, t.xq)
-        return references.loss(preds[:, -1], t.yq)
+        batch = task.sample(key, batch_size)
+        return batch_loss(model.predict(params, batch.tokens)[:, -1], batch.targets)
 
     return loss_fn
 
 
-def make_train_chunk(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, sample: Callable, batch_size: int):
+def make_train_chunk(model: Model, optimizer: optax.GradientTransformation, task: TaskKind, batch_size: int):
     """`(params, opt_state, data_keys, start, n_steps) -> (params, opt_state, losses[S, n_steps])`,
     compiled once per chunk length, parameters and optimizer state donated."""
-    loss_fn = make_loss(graphdef, sample, batch_size)
+    loss_fn = make_loss(model, task, batch_size)
 
     def chunk(params, opt_state, data_key, start, n_steps):
         def step(carry, i):
@@ -60,12 +63,11 @@ def make_train_chunk(graphdef: nnx.GraphDef, optimizer: optax.GradientTransforma
     return jax.jit(vmapped, static_argnums=4, donate_argnums=(0, 1))
 
 
-def init_states(model_cfg, input_dim: int, init_scale: float, optimizer, init_keys: jax.Array,
-                layout: tokens.Layout = tokens.Layout()):
+def init_states(model: Model, optimizer: optax.GradientTransformation, init_keys: jax.Array):
     """Parameters and optimizer state for every seed (leading seed axis)."""
 
     def init(key):
-        params = models.init_params(model_cfg, input_dim, init_scale, key, layout)
+        params = model.init(key)
         return params, optimizer.init(params)
 
     return jax.jit(jax.vmap(init))(init_keys)

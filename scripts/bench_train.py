@@ -24,13 +24,12 @@ def timed(fn):
 
 def bench(overrides: list[str], seeds: int, chunks: int = 5) -> dict:
     cfg = config_lib.load_config([*overrides, f"train.seeds={seeds}"])
-    tc, dim = cfg.train, cfg.task.dim
-    scale = config_lib.init_scale(cfg.model)
+    tc, task = cfg.train, tasks.from_config(cfg.task)
+    model = models.build(cfg.model, task.layout)
     optimizer = training.make_optimizer(tc)
     init_keys, data_keys = training.seed_keys(tc.seed, seeds)
-    params, opt_state = training.init_states(cfg.model, dim, scale, optimizer, init_keys)
-    graphdef = models.graphdef(cfg.model, dim, scale)
-    chunk = training.make_train_chunk(graphdef, optimizer, tasks.sampler(cfg.task), tc.batch_size)
+    params, opt_state = training.init_states(model, optimizer, init_keys)
+    chunk = training.make_train_chunk(model, optimizer, task, tc.batch_size)
     n = tc.eval_every
     (params, opt_state, _), compile_s = timed(lambda: chunk(params, opt_state, data_keys, 0, n))
     start = time.perf_counter()
@@ -38,9 +37,9 @@ def bench(overrides: list[str], seeds: int, chunks: int = 5) -> dict:
         params, opt_state, losses = chunk(params, opt_state, data_keys, i * n, n)
     jax.block_until_ready(losses)
     steady_s = (time.perf_counter() - start) / (chunks * n)
-    refs = experiment.compute_references(cfg)
-    evaluator = experiment.make_evaluator(graphdef, cfg.model, dim)
-    evaluate = lambda: evaluator(params, refs)  # noqa: E731
+    refs = experiment.compute_references(cfg, task)
+    evaluator = experiment.make_evaluator(model, cfg, refs)
+    evaluate = lambda: evaluator(params)  # noqa: E731
     _, eval_compile_s = timed(evaluate)
     _, eval_s = timed(evaluate)
     return {"seeds": seeds, "compile_s": compile_s, "steps_per_s": 1 / steady_s, "ms_per_step": 1e3 * steady_s,
@@ -51,7 +50,7 @@ def bench(overrides: list[str], seeds: int, chunks: int = 5) -> dict:
 def main(overrides: list[str]) -> None:
     device = jax.devices()[0]
     print(f"device: {device.platform} ({device.device_kind}), jax {jax.__version__}, overrides: {overrides or 'none'}")
-    _, refs_s = timed(lambda: experiment.compute_references(config_lib.load_config(overrides)).gd_eval.preds)
+    _, refs_s = timed(lambda: experiment.compute_references(config_lib.load_config(overrides)).evals)
     print(f"references (line search on the eta set, GD/OLS/ridge on the eval set): {refs_s:.2f} s")
     header = ("seeds", "compile_s", "steps_per_s", "ms_per_step", "ms_per_step_per_seed", "eval_s", "full_run_estimate_s")
     print(" | ".join(header))

@@ -1,5 +1,6 @@
-"""Reference algorithms (SPEC sections 4 and 6): GD and GD++ as LSA weights, GD computed
-directly, the learning-rate line search, closed forms, OLS and ridge.
+"""Reference algorithms for regression tasks (docs/science.md sections 4 and 6): GD and GD++
+computed on the data and as LSA weights, the learning-rate line search, closed forms, OLS and
+ridge; registered as the references `gd`, `gdpp`, `ols` and `ridge` of `task=linear` and `task=sine`.
 
 The GD reference is explicit `jnp` on purpose: it is the object of study, and tests check the
 LSA constructions against it.
@@ -13,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from icl_gd import models, tasks as tasks_lib
-from icl_gd.tasks import Tasks
+from icl_gd import models
+from icl_gd.references.registry import ANALYTIC, Reference, register
+from icl_gd.tasks import Regression, Tasks, input_law
 
 
 def gdpp_weights(etas_K: jax.Array, gammas_K: jax.Array, dim: int, n_context: int) -> models.Weights:
@@ -31,7 +33,7 @@ def gdpp_weights(etas_K: jax.Array, gammas_K: jax.Array, dim: int, n_context: in
     label = jnp.zeros((d1, d1)).at[dim, dim].set(1.0)
     w_kq = jnp.broadcast_to(x_block, (n_layers, 1, d1, d1))
     w_pv = -(gammas_K[:, None, None] * x_block + etas_K[:, None, None] * label) / n_context
-    return {"w_kq": w_kq, "w_pv": w_pv[:, None]}
+    return models.lsa(w_kq, w_pv[:, None])
 
 
 def gd_weights(etas_K: jax.Array, dim: int, n_context: int) -> models.Weights:
@@ -115,7 +117,7 @@ def closed_form_gd(dim: int, n_context: int, x_dist: str, x_scale: float, w_std:
     `N^2 E[g^2] = C (A + noise^2 d sigma^4) + k s_y^2 d sigma^4 + C (C-1) s_w^2 d sigma^6`,
     with `A = s_w^2 sigma^2 (d m4 + d(d-1) sigma^4)` (one clean term squared).
     """
-    var, m4 = tasks_lib.input_law(x_dist, x_scale)
+    var, m4 = input_law(x_dist, x_scale)
     d, n, k = dim, n_context, distractors
     clean = n - k
     e_yy = w_std**2 * d * var + noise_std**2
@@ -207,8 +209,8 @@ def gdpp_starts(steps: int, shared: bool) -> tuple[jax.Array, jax.Array]:
     return log_eta, jnp.stack([f * c * r**k for c, r, f in combos])
 
 
-def fit_gdpp(sample: Callable, steps: int, shared: bool, eta_init: float, key: jax.Array, *, dim: int,
-             n_context: int, train_steps: int, batch: int, lr: float, eval_tasks: Tasks,
+def fit_gdpp(sample: Callable, steps: int, shared: bool, eta_init: float, key: jax.Array, *,
+             train_steps: int, batch: int, lr: float, eval_tasks: Tasks,
              starts: Optional[tuple[jax.Array, jax.Array]] = None) -> GDPP:
     """Train GD++'s `(eta_k, gamma_k)` by Adam on the task loss (SPEC section 4), compiled as one
     scan over fresh batches, from every start (`(u, v)` pairs `[C, n]`, default `gdpp_starts`) at
@@ -217,15 +219,13 @@ def fit_gdpp(sample: Callable, steps: int, shared: bool, eta_init: float, key: j
     `eta_k = eta_init exp(u_k)`, `gamma_k = eta_init v_k` so that one learning rate moves steps of
     any size by the same relative amount; cosine-decayed learning rate. `shared` ties the scalars
     across steps (recurrent models); `loss` is on `eval_tasks`."""
-    arch = models.Architecture(layers=steps)
-
     def scalars(params):
         return (jnp.broadcast_to(eta_init * jnp.exp(params["u"]), (steps,)),
                 jnp.broadcast_to(eta_init * params["v"], (steps,)))
 
     def batch_loss(params, t):
-        weights = gdpp_weights(*scalars(params), dim, n_context)
-        return loss(models.predict_batch(arch, weights, t.x, t.y, t.xq)[:, -1], t.yq)
+        preds = jax.vmap(gdpp_direct, in_axes=(0, 0, 0, None, None))(t.x, t.y, t.xq, *scalars(params))
+        return loss(preds[:, -1], t.yq)
 
     optimizer = optax.adam(optax.cosine_decay_schedule(lr, train_steps))
     grad_fn = jax.vmap(jax.grad(batch_loss), in_axes=(0, None))
@@ -251,3 +251,83 @@ def fit_gdpp(sample: Callable, steps: int, shared: bool, eta_init: float, key: j
         return GDPP(etas=etas[:1], gammas=gammas[:1], loss=float(value))
     # The last gamma moves the inputs after the last readout: it has no effect, reported as 0.
     return GDPP(etas=etas, gammas=gammas.at[-1].set(0.0), loss=float(value))
+
+
+# The registered references of the regression task kinds.
+REGRESSION_KINDS = ("linear", "sine")
+SINE_ETA_MAX = 10.0  # line-search range for task kinds without a closed form
+
+
+CLOSED_FORMS: dict[str, Callable[..., Optional[GDReference]]] = {
+    "linear": lambda t: closed_form_gd(t.dim, t.n_context, t.x_dist, t.x_scale, t.w_std, t.noise_std, t.distractors),
+    "sine": lambda t: None,
+}
+
+
+def closed_form(task: Regression) -> Optional[GDReference]:
+    """One GD step's best eta and expected loss (docs/science.md section 6), where the task kind has one."""
+    return CLOSED_FORMS[task.name](task)
+
+
+def _fit_gd(ctx) -> jax.Array:
+    """One `eta` shared by the model's number of steps, line-searched on tasks of its own."""
+    closed = closed_form(ctx.task)
+    eta_max = 3.0 * closed.eta if closed is not None else SINE_ETA_MAX
+    search = ctx.task.draw(jax.random.fold_in(ctx.key, 1), int(ctx.cfg.eval.line_search_tasks))
+    return jnp.full((ctx.steps,), line_search_eta(search, ctx.steps, eta_max).eta)
+
+
+class GDPPSteps(NamedTuple):
+    """The GD++ reference's parameters: `(eta_k, gamma_k)` for each of the K steps, and whether
+    they are tied across steps (recurrent models)."""
+
+    etas: jax.Array
+    gammas: jax.Array
+    shared: jax.Array
+
+
+def _fit_gdpp(ctx) -> GDPPSteps:
+    """Per-step `(eta_k, gamma_k)` (tied for recurrent models), by Adam on the task loss from the
+    line-searched eta; one step of GD++ is one step of GD (gamma acts after the label update)."""
+    etas, shared, ev = ctx.fitted["gd"], bool(ctx.cfg.model.recurrent), ctx.cfg.eval
+    if ctx.steps == 1 or int(ev.gdpp_steps) == 0:
+        return GDPPSteps(etas, jnp.zeros_like(etas), jnp.asarray(shared))
+    fit = fit_gdpp(ctx.task.draw, ctx.steps, shared, float(etas[0]), jax.random.fold_in(ctx.key, 2),
+                   train_steps=int(ev.gdpp_steps), batch=int(ev.gdpp_batch), lr=float(ev.gdpp_lr),
+                   eval_tasks=ctx.eval_batch.context)
+    steps = (ctx.steps,)
+    return GDPPSteps(jnp.broadcast_to(fit.etas, steps), jnp.broadcast_to(fit.gammas, steps), jnp.asarray(shared))
+
+
+def _describe_gdpp(p: GDPPSteps) -> dict:
+    n = 1 if bool(p.shared) else p.etas.shape[0]
+    return {"etas": [float(e) for e in p.etas[:n]], "gammas": [float(g) for g in p.gammas[:n]],
+            "steps": int(p.etas.shape[0]), "shared": bool(p.shared)}
+
+
+def _regression(predict_xyq):
+    """Wrap `(params, x, y, xq, steps) -> y_hat_K` as a reference's `predict`."""
+
+    def predict(task, params, queries_1xd, t):
+        return predict_xyq(params, t.x, t.y, queries_1xd[0])[:, None, None]
+
+    return predict
+
+
+register(Reference(
+    "gd", "GD", _fit_gd, _regression(lambda etas, x, y, q: gd_direct(x, y, q, etas)),
+    describe=lambda etas: {"eta": float(etas[0]), "steps": int(etas.shape[0])}, stepwise=True,
+), REGRESSION_KINDS)
+register(Reference(
+    "gdpp", "GD++", _fit_gdpp,
+    _regression(lambda p, x, y, q: gdpp_direct(x, y, q, p.etas, p.gammas)), describe=_describe_gdpp, stepwise=True,
+), REGRESSION_KINDS)
+register(Reference(
+    "ols", "OLS", lambda ctx: None, _regression(lambda _, x, y, q: ridge_predict(x, y, q)),
+), REGRESSION_KINDS)
+register(Reference(
+    "ridge", "ridge (Bayes-optimal lambda)", lambda ctx: jnp.asarray(ctx.task.ridge_lambda, jnp.float32),
+    _regression(lambda lam, x, y, q: ridge_predict(x, y, q, lam)), describe=lambda lam: {"lambda": float(lam)},
+), REGRESSION_KINDS)
+ANALYTIC.update({kind: lambda task: {"gd_closed_form": None if (c := closed_form(task)) is None else c._asdict()}
+                 for kind in REGRESSION_KINDS})

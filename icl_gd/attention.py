@@ -1,0 +1,76 @@
+"""Attention kinds as a registry (docs/science.md section 3).
+
+An attention kind is one function `(tokens_TxD, positions, w_kq_HxDxD, w_pv_HxDxD, mask) ->
+updates_MxD`: the update of the tokens at `positions` (a static tuple), each attending to the
+tokens `mask` makes visible to it. Every layer is described by the products `W_KQ = W_K^T W_Q`
+and `W_PV = W_P W_V` per head, so trained models and the GD / GD++ constructions run through
+the same functions. Register a new kind with `@register("name")` and add its name to
+`config.Attention`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from icl_gd.tasks.base import Mask
+
+AttentionFn = Callable[[jax.Array, tuple[int, ...], jax.Array, jax.Array, Mask], jax.Array]
+REGISTRY: dict[str, AttentionFn] = {}
+
+
+def register(name: str) -> Callable[[AttentionFn], AttentionFn]:
+    def add(fn: AttentionFn) -> AttentionFn:
+        REGISTRY[name] = fn
+        return fn
+
+    return add
+
+
+def take(tokens_TxD: jax.Array, positions: tuple[int, ...]) -> jax.Array:
+    """The tokens at static `positions`: a slice when they are contiguous, else a gather."""
+    start = positions[0]
+    if positions == tuple(range(start, start + len(positions))):
+        return tokens_TxD[start:start + len(positions)]
+    return tokens_TxD[np.asarray(positions)]
+
+
+def keys_and_visibility(tokens_TxD: jax.Array, positions: tuple[int, ...], mask: Mask
+                        ) -> tuple[jax.Array, Optional[jax.Array]]:
+    """The key / value tokens and, for causal masks, which of them each query sees (`[N, M]`).
+    A context mask needs no matrix: its keys are the first `n_keys` tokens for every query."""
+    if not mask.causal:
+        return tokens_TxD[: mask.n_keys], None
+    return tokens_TxD, jnp.asarray(mask.visible(tokens_TxD.shape[0], positions))
+
+
+def _pool(scores_HxNxM: jax.Array, keys_NxD: jax.Array, w_pv: jax.Array) -> jax.Array:
+    """`sum_h W_PV_h sum_i a_ij e_i`; the order of products keeps the cost at O(H (N + D) D M)."""
+    pooled_HxMxD = jnp.einsum("hnm,nd->hmd", scores_HxNxM, keys_NxD)
+    return jnp.einsum("hed,hmd->me", w_pv, pooled_HxMxD)
+
+
+@register("linear")
+def linear(tokens_TxD: jax.Array, positions: tuple[int, ...], w_kq: jax.Array, w_pv: jax.Array,
+           mask: Mask) -> jax.Array:
+    """Linear self-attention: scores `e_i^T W_KQ e_j` used as they are (docs/science.md section 3)."""
+    keys, visible = keys_and_visibility(tokens_TxD, positions, mask)
+    scores_HxNxM = jnp.einsum("nd,hde,me->hnm", keys, w_kq, take(tokens_TxD, positions))
+    if visible is not None:
+        scores_HxNxM = scores_HxNxM * visible
+    return _pool(scores_HxNxM, keys, w_pv)
+
+
+@register("softmax")
+def softmax(tokens_TxD: jax.Array, positions: tuple[int, ...], w_kq: jax.Array, w_pv: jax.Array,
+            mask: Mask) -> jax.Array:
+    """Softmax attention: scores scaled by `1/sqrt(D)`, normalised over the visible keys
+    (docs/science.md section 9)."""
+    keys, visible = keys_and_visibility(tokens_TxD, positions, mask)
+    scores_HxNxM = jnp.einsum("nd,hde,me->hnm", keys, w_kq, take(tokens_TxD, positions)) / jnp.sqrt(keys.shape[-1])
+    if visible is not None:
+        scores_HxNxM = jnp.where(visible, scores_HxNxM, -jnp.inf)
+    return _pool(jax.nn.softmax(scores_HxNxM, axis=1), keys, w_pv)
