@@ -34,8 +34,8 @@ from icl_gd.config import ConfigError
 
 @dataclass(frozen=True)
 class Analysis:
-    """`run(trained) -> dict`; `applies(cfg)`: None, or the one-line reason it does not apply to
-    a config; `files`: what it writes, relative to the run directory."""
+    """`run(trained) -> dict`; `applies(cfg)`: None, or the one-line error (naming the field to
+    change) when it does not apply to a config; `files`: what it writes, relative to the run directory."""
 
     run: Callable[[runs.Trained], dict]
     applies: Callable[[DictConfig], Optional[str]]
@@ -60,9 +60,9 @@ def check(cfg: DictConfig, names: Optional[Sequence[str]] = None) -> None:
     for name in cfg.analyses if names is None else names:
         if name not in REGISTRY:
             raise ConfigError(f"analyses: got {name!r}; allowed: {allowed}")
-        reason = REGISTRY[name].applies(cfg)
-        if reason is not None:
-            raise ConfigError(f"analyses: got {name!r}; allowed: {reason}")
+        error = REGISTRY[name].applies(cfg)
+        if error is not None:
+            raise ConfigError(error)
 
 
 def output_dir(run_dir: Path, name: str) -> Path:
@@ -99,8 +99,13 @@ def _eval_key(cfg: DictConfig, index: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(int(cfg.eval.seed)), index)
 
 
+def _needs(name: str, ok: Callable[[DictConfig], bool], what: str) -> Callable[[DictConfig], Optional[str]]:
+    """`applies` for an analysis that needs `what` of the config."""
+    return lambda cfg: None if ok(cfg) else f"analyses: got {name!r}; allowed: {name} only with {what}"
+
+
 def _kind(name: str, kinds: tuple[str, ...]) -> Callable[[DictConfig], Optional[str]]:
-    return lambda cfg: None if cfg.task.kind in kinds else f"{name} only with task={' or task='.join(kinds)}"
+    return _needs(name, lambda cfg: cfg.task.kind in kinds, "task=" + " or task=".join(kinds))
 
 
 # Out-of-distribution evaluation (docs/science.md section 1): shifts of the training task law.
@@ -204,7 +209,7 @@ def mlp_gd(arch: models.Architecture, task: tasks.Regression, weights: models.We
 
 
 @register("sine", files=tuple(f"analyses/sine/sine.{s}" for s in ("csv", "json", "png", "pdf")),
-          applies=lambda cfg: None if cfg.model.input_mlp else "sine only with model.input_mlp=true")
+          applies=_needs("sine", lambda cfg: bool(cfg.model.input_mlp), "model.input_mlp=true"))
 def sine(trained: runs.Trained) -> dict:
     """`mlp_gd` for every seed of a run with an input MLP, on its evaluation set (eta searched on
     its line-search set), and example fits with the learned features."""
@@ -290,8 +295,8 @@ def copy_fit(updates_TxD: jax.Array, x_Txd: jax.Array) -> tuple[jax.Array, jax.A
 
 
 @register("copy", files=tuple(f"analyses/copy/copy.{s}" for s in ("csv", "json", "png", "pdf")),
-          applies=lambda cfg: None if cfg.task.get("tokens") is not None and cfg.task.tokens.name == "classic"
-          else "copy only with task.tokens=classic")
+          applies=_needs("copy", lambda cfg: cfg.task.get("tokens") is not None and cfg.task.tokens.name == "classic",
+                         "task.tokens=classic"))
 def copy_dependence(trained: runs.Trained) -> dict:
     """Classic tokens: how much the first layer's update of each token depends on the token
     itself, on its left neighbour and on the rest (Jacobian norms, `token_dependence`), and how
@@ -414,8 +419,8 @@ def explain(trained: runs.Trained) -> dict:
 
 def _needs_recurrent(cfg: DictConfig) -> Optional[str]:
     if cfg.task.kind not in ("linear", "sine"):
-        return "depth_extrapolation only with a regression task (task=linear or task=sine)"
-    return None if cfg.model.recurrent else "depth_extrapolation only with model.recurrent=true"
+        return _kind("depth_extrapolation", ("linear", "sine"))(cfg)
+    return None if cfg.model.recurrent else "model.recurrent: got False; allowed: true for the depth_extrapolation analysis"
 
 
 @register("depth_extrapolation", files=tuple(f"analyses/depth_extrapolation/depth_extrapolation.{s}"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
@@ -201,6 +202,9 @@ def _check_override_keys(overrides: list[str]) -> None:
     except HydraException as err:
         raise ConfigError(f"cannot parse overrides: {str(err).splitlines()[0]}") from None
     task_fields = None
+    group_choices = [o for o in parsed if o.key_or_group.lstrip("+~") in GROUPS]
+    if any(o.is_sweep_override() for o in group_choices):
+        task_fields = [f for schema in TASK_SCHEMAS.values() for f in _fields(schema)]  # each job is checked alone
     for override in parsed:
         key = override.key_or_group.lstrip("+~")
         if key.startswith("hydra"):
@@ -218,10 +222,13 @@ def _check_override_keys(overrides: list[str]) -> None:
             if parts[0] not in top:
                 raise ConfigError(f"{key}: unknown field; allowed: {', '.join(top + list(GROUPS))}")
             continue
+        if key == "task.kind":
+            raise ConfigError(f"task.kind: set by the task group; choose it with task=<kind>, "
+                              f"allowed: {', '.join(group_options('task'))}")
         if parts[0] == "task":
             if task_fields is None:
-                groups_only = [o for o in overrides if o.split("=")[0].lstrip("+~") in GROUPS and "," not in o]
-                task_fields = _fields(TASK_SCHEMAS[str(_compose(groups_only).task.kind)])
+                chosen = [f"{o.key_or_group.lstrip('+~')}={o.value()}" for o in group_choices]
+                task_fields = _fields(TASK_SCHEMAS[str(_compose(chosen).task.kind)])
             names = task_fields
         elif parts[0] in SCHEMAS:
             names = _fields(SCHEMAS[parts[0]])
@@ -352,7 +359,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """The override lists of every job a Hydra multirun over `overrides` would launch."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-    _check_override_keys([o for o in overrides if "," not in o.split("=", 1)[-1]])
+    _check_override_keys(overrides)
     parsed = OverridesParser.create().parse_overrides(overrides)
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
@@ -372,7 +379,7 @@ def from_yaml(text: str) -> DictConfig:
         base = OmegaConf.structured(Config)
         base.task = OmegaConf.structured(TASK_SCHEMAS[kind])
         cfg = OmegaConf.merge(base, raw)
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise ConfigError(_one_line(err)) from None
     assert isinstance(cfg, DictConfig)
     return cfg

@@ -215,34 +215,29 @@ class Transformer(nnx.Module):
         self.w_k = nnx.Param(init(rngs.params(), (n, heads, dim, dim)))
         self.w_v = nnx.Param(init(rngs.params(), (n, heads, dim, dim)))
         self.w_p = nnx.Param(init_p(rngs.params(), (n, heads, dim, dim)))
-        self.copy_q = self.copy_k = self.copy_v = self.copy_p = None
-        if layout.copy_layer:
-            self.copy_q = nnx.Param(init(rngs.params(), (1, heads, dim, dim))[0])
-            self.copy_k = nnx.Param(init(rngs.params(), (1, heads, dim, dim))[0])
-            self.copy_v = nnx.Param(init(rngs.params(), (1, heads, dim, dim))[0])
-            self.copy_p = nnx.Param(init_p(rngs.params(), (1, heads, dim, dim))[0])
+        # Optional parts are None when absent (in this order: the random streams of earlier versions).
+        self.copy_q, self.copy_k, self.copy_v, self.copy_p = (
+            (nnx.Param(init(rngs.params(), (1, heads, dim, dim))[0]), nnx.Param(init(rngs.params(), (1, heads, dim, dim))[0]),
+             nnx.Param(init(rngs.params(), (1, heads, dim, dim))[0]), nnx.Param(init_p(rngs.params(), (1, heads, dim, dim))[0]))
+            if layout.copy_layer else (None,) * 4)
         dense = jax.nn.initializers.variance_scaling(init_scale, "fan_in", "truncated_normal")
-        self.ln_attn_scale = self.ln_attn_bias = self.ln_mlp_scale = self.ln_mlp_bias = None
-        if model_cfg.layernorm:
-            self.ln_attn_scale = nnx.Param(jnp.ones((n, dim)))
-            self.ln_attn_bias = nnx.Param(jnp.zeros((n, dim)))
-            if model_cfg.mlp:
-                self.ln_mlp_scale = nnx.Param(jnp.ones((n, dim)))
-                self.ln_mlp_bias = nnx.Param(jnp.zeros((n, dim)))
-        self.mlp_w1 = self.mlp_b1 = self.mlp_w2 = self.mlp_b2 = None
-        if model_cfg.mlp:
-            width = int(model_cfg.mlp_width)
-            self.mlp_w1 = nnx.Param(jax.vmap(lambda k: dense(k, (dim, width)))(jax.random.split(rngs.params(), n)))
-            self.mlp_b1 = nnx.Param(jnp.zeros((n, width)))
-            self.mlp_w2 = nnx.Param(jax.vmap(lambda k: dense(k, (width, dim)))(jax.random.split(rngs.params(), n)))
-            self.mlp_b2 = nnx.Param(jnp.zeros((n, dim)))
-        self.embed_w1 = self.embed_b1 = self.embed_w2 = self.embed_b2 = None
-        if model_cfg.input_mlp:
-            width, he = int(model_cfg.input_mlp_width), jax.nn.initializers.he_normal()
-            self.embed_w1 = nnx.Param(he(rngs.params(), (layout.input_dim, width)))
-            self.embed_b1 = nnx.Param(jnp.zeros((width,)))
-            self.embed_w2 = nnx.Param(he(rngs.params(), (width, features)))
-            self.embed_b2 = nnx.Param(jnp.zeros((features,)))
+        ln, ln_mlp = bool(model_cfg.layernorm), bool(model_cfg.layernorm and model_cfg.mlp)
+        self.ln_attn_scale, self.ln_attn_bias = (nnx.Param(jnp.ones((n, dim))), nnx.Param(jnp.zeros((n, dim)))) if ln \
+            else (None, None)
+        self.ln_mlp_scale, self.ln_mlp_bias = (nnx.Param(jnp.ones((n, dim))), nnx.Param(jnp.zeros((n, dim)))) if ln_mlp \
+            else (None, None)
+        width = int(model_cfg.mlp_width)
+        self.mlp_w1, self.mlp_b1, self.mlp_w2, self.mlp_b2 = (
+            (nnx.Param(jax.vmap(lambda k: dense(k, (dim, width)))(jax.random.split(rngs.params(), n))),
+             nnx.Param(jnp.zeros((n, width))),
+             nnx.Param(jax.vmap(lambda k: dense(k, (width, dim)))(jax.random.split(rngs.params(), n))),
+             nnx.Param(jnp.zeros((n, dim))))
+            if model_cfg.mlp else (None,) * 4)
+        embed_width, he = int(model_cfg.input_mlp_width), jax.nn.initializers.he_normal()
+        self.embed_w1, self.embed_b1, self.embed_w2, self.embed_b2 = (
+            (nnx.Param(he(rngs.params(), (layout.input_dim, embed_width))), nnx.Param(jnp.zeros((embed_width,))),
+             nnx.Param(he(rngs.params(), (embed_width, features))), nnx.Param(jnp.zeros((features,))))
+            if model_cfg.input_mlp else (None,) * 4)
 
     def weights(self) -> Weights:
         """The explicit `Weights`: attention as products per layer and head, and the rest."""

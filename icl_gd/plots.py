@@ -102,33 +102,41 @@ def training_curves(df: pd.DataFrame, summary: dict, stem: Path) -> list[Path]:
 
 
 def per_layer(df: pd.DataFrame, summary: dict, stem: Path) -> list[Path]:
-    """Readout after layer k against k steps of each stepwise reference: final loss and alignment
-    per layer, and each layer's alignment with the last stepwise reference over training."""
+    """Readout after layer k against k steps of each stepwise reference (and the others' final
+    loss): loss and alignment per layer, then each layer's alignment with the last stepwise
+    reference over training (its loss, when the task has no stepwise reference)."""
     layers = summary["per_layer"]
     ks = np.arange(1, len(layers) + 1)
-    refs = [r for r in tracked_references(df, summary) if f"{r}_loss" in layers[0]]
+    tracked = tracked_references(df, summary)
+    stepwise = [r for r in tracked if f"{r}_loss" in layers[0]]
     align = "model_cos" if "model_cos" in layers[0] else "preds_diff"
     mean = lambda name: np.array([layer[name]["mean"] for layer in layers])  # noqa: E731
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     axes[0].plot(ks, mean("loss"), "o-", label="trained model")
-    for i, ref in enumerate(refs):
-        style = dict(color=f"C{i + 1}", linestyle=REFERENCE_STYLES[(i + 1) % 4], marker="s^vo"[i % 4])
-        axes[0].plot(ks, mean(f"{ref}_loss"), label=f"{ref}, k steps", **style)
-        axes[1].plot(ks, mean(_column(align, ref, refs[0])), label=f"to {ref}", **style)
+    for i, ref in enumerate(tracked):
+        style = dict(color=f"C{i + 1}", linestyle=REFERENCE_STYLES[(i + 1) % 4])
+        if ref in stepwise:
+            axes[0].plot(ks, mean(f"{ref}_loss"), marker="s^vo"[i % 4], label=f"{ref}, k steps", **style)
+            axes[1].plot(ks, mean(_column(align, ref, tracked[0])), marker="s^vo"[i % 4], label=f"to {ref}", **style)
+        else:
+            axes[0].axhline(summary["references"][ref]["loss"], label=ref, **style)
     axes[0].set_yscale("log")
     axes[0].set_title("loss of the readout after layer k")
-    axes[1].set_title(f"{align.replace('_', ' ')} after layer k")
+    axes[1].set_title(f"{align.replace('_', ' ')} after layer k" if stepwise else "(no stepwise reference)")
     for ax in axes[:2]:
         ax.set_xlabel("layer k")
         ax.set_xticks(ks)
-    last = refs[-1]
+    column = (lambda k: f"layer{k}_{_column(align, stepwise[-1], tracked[0])}") if stepwise else (lambda k: f"layer{k}_loss")
     for k in ks:
-        _plot_band(axes[2], df, f"layer{k}_{_column(align, last, refs[0])}", f"layer {k}")
-    axes[2].set_title(f"{align.replace('_', ' ')} to {last} over training")
+        _plot_band(axes[2], df, column(k), f"layer {k}")
+    axes[2].set_title(f"{align.replace('_', ' ')} to {stepwise[-1]} over training" if stepwise else "loss over training")
+    if not stepwise:
+        axes[2].set_yscale("log")
     axes[2].set_xlabel("training step")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"{summary.get('experiment', '')}: per-layer readouts against k reference steps", fontsize=10)
     return save(fig, stem)
 

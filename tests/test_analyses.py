@@ -1,4 +1,4 @@
-"""The ood, sine and copy analyses, on tiny trained runs of their experiments."""
+"""The analyses, on tiny trained runs of their experiments: each writes every file it promises."""
 
 import json
 
@@ -17,7 +17,9 @@ TINY = ["train.steps=4", "train.eval_every=2", "train.batch_size=64", "train.see
 
 def train_tiny(tmp_path_factory, name: str, *extra: str):
     cfg = config.load_config([f"experiment={name}", *TINY, *extra])
-    return experiment.train(cfg, tmp_path_factory.mktemp(name) / "run", quiet=True)
+    trained = experiment.train(cfg, tmp_path_factory.mktemp(name) / "run", quiet=True)
+    analyses.run_all(trained)
+    return trained
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +32,40 @@ def sine_run(tmp_path_factory):
     return train_tiny(tmp_path_factory, "sine", "task.n_context=6", "model.input_mlp_width=8", "model.input_mlp_features=4")
 
 
+@pytest.fixture(scope="module")
+def classic_run(tmp_path_factory):
+    return train_tiny(tmp_path_factory, "classic_tokens", "task.dim=2", "task.n_context=3")
+
+
+def test_every_analysis_writes_the_files_it_promises(ood_run, sine_run, classic_run):
+    """Every registered analysis, on a run it applies to (ood's run is a recurrent linear model):
+    each file it promises exists and is not empty, and its result is in summary.json."""
+    runs_for = {"ood": ood_run, "sine": sine_run, "copy": classic_run, "depth_extrapolation": ood_run,
+                "explain": ood_run}
+    assert set(runs_for) == set(analyses.REGISTRY)  # a new analysis needs a run here
+    for name, trained in runs_for.items():
+        analyses.check(trained.cfg, [name])
+        if name not in trained.summary.get("analyses", {}):
+            analyses.run(name, trained)
+        for file in analyses.REGISTRY[name].files:
+            assert (trained.run_dir / file).stat().st_size > 0, f"{name}: {file}"
+        assert name in runs.load_summary(trained.run_dir)["analyses"]
+
+
+def test_copy_analysis_reports_shares_and_the_copy_fit(classic_run):
+    result = classic_run.summary["analyses"]["copy"]
+    assert set(result["shares"]) == {"x", "y", "query"}
+    for parts in result["shares"].values():
+        total = sum(parts[p]["mean"] for p in ("self", "neighbour", "rest"))
+        assert total == pytest.approx(1.0, abs=1e-5)
+    assert len(result["copy_singular_values"]) == 2 and len(result["copy_singular_values"][0]) == 2
+    assert all(0.0 <= r <= 1.0 + 1e-6 for r in result["copy_r2"]["per_seed"])
+
+
 def test_ood_shifts_keep_the_training_variance_for_every_law():
-    task_cfg = config.load_config(["task.x_dist=laplace", "task.x_scale=0.3"]).task
+    task = tasks.from_config(config.load_config(["task.x_dist=laplace", "task.x_scale=0.3"]).task)
     var = tasks.input_law("laplace", 0.3).var
-    shifts = analyses.ood_shifts(task_cfg)
+    shifts = analyses.ood_shifts(task)
     laws = [changes for family, _, changes in shifts if family == "input_law"]
     assert [c["x_dist"] for c in laws] == list(analyses.INPUT_LAWS)
     for changes in laws:
@@ -76,17 +108,18 @@ def test_mlp_gd_partial_cos_is_one_for_the_gd_construction_on_features():
     """An input MLP followed by the GD construction (any eta) is GD on the features: partial cos 1,
     and at the line-searched eta the same predictions and loss as MLP + GD."""
     feats, n = 4, 6
-    sample = tasks.sampler(config.load_config(["task.kind=sine", "task.dim=1", f"task.n_context={n}"]).task)
-    t_eval, t_search = sample(jax.random.key(1), 400), sample(jax.random.key(2), 2000)
+    task = tasks.from_config(config.load_config(["task=sine", f"task.n_context={n}"]).task)
+    t_eval, t_search = task.draw(jax.random.key(1), 400), task.draw(jax.random.key(2), 2000)
     keys = jax.random.split(jax.random.key(3), 2)
-    weights = {"embed_w1": jax.random.normal(keys[0], (1, 8)), "embed_b1": jnp.linspace(-1, 1, 8),
-               "embed_w2": jax.random.normal(keys[1], (8, feats)) / 3, "embed_b2": jnp.zeros(feats)}
-    arch = models.Architecture(input_mlp=True)
-    mlp_gd = jax.jit(analyses.mlp_gd, static_argnums=(0, 4))
-    out = mlp_gd(arch, {**weights, **references.gd_weights(jnp.array([0.3]), feats, n)}, t_eval, t_search, 1)
+    embed = models.MLP(jax.random.normal(keys[0], (1, 8)), jnp.linspace(-1, 1, 8),
+                       jax.random.normal(keys[1], (8, feats)) / 3, jnp.zeros(feats))
+    arch = models.Architecture(task.layout, input_mlp=True)
+    mlp_gd = jax.jit(analyses.mlp_gd, static_argnums=(0, 1, 5))
+    gd = lambda eta: references.gd_weights(jnp.array([eta]), feats, n)._replace(embed=embed)  # noqa: E731
+    out = mlp_gd(arch, task, gd(0.3), t_eval, t_search, 1)
     assert float(out["partial_cos"]) == pytest.approx(1.0, abs=1e-5)
     best = float(out["mlp_gd_eta"])
-    out = mlp_gd(arch, {**weights, **references.gd_weights(jnp.array([best]), feats, n)}, t_eval, t_search, 1)
+    out = mlp_gd(arch, task, gd(best), t_eval, t_search, 1)
     assert float(out["preds_diff"]) == pytest.approx(0.0, abs=1e-5)
     assert float(out["loss"]) == pytest.approx(float(out["mlp_gd_loss"]), rel=1e-5)
     assert float(out["mlp_ols_loss"]) >= 0

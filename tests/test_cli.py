@@ -44,10 +44,10 @@ def test_baselines_prints_and_writes_json(tmp_path):
     path = tmp_path / "refs.json"
     result = runner.invoke(app, ["baselines", "task.dim=5", "task.n_context=20", *SMALL_EVAL, "--json", str(path)])
     assert result.exit_code == 0, result.output
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text())["references"]
     assert data["gd_closed_form"]["eta"] == pytest.approx(data["gd"]["eta"], rel=0.05)
     assert data["ols"]["loss"] < 1e-6 < data["gd"]["loss"]
-    assert "OLS" in result.output
+    assert "OLS" in result.output and "closed form" in result.output
     again = runner.invoke(app, ["baselines", "--json", str(path)])
     assert again.exit_code == 2 and "already exists" in again.output
 

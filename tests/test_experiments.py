@@ -16,6 +16,7 @@ def test_every_named_experiment_runs_a_few_steps(tmp_path, name):
     is_sine = load_config([f"experiment={name}"]).task.kind == "sine"  # 1-d inputs only
     tiny = [o for o in TINY if not (is_sine and o.startswith("task.dim="))]
     result = experiment.train(load_config([f"experiment={name}", *tiny]), tmp_path / name, quiet=True)
+    analyses.run_all(result)
     summary = result.summary
     assert summary["status"] == "completed" and summary["experiment"] == name
     layers = load_config([f"experiment={name}"]).model.layers
@@ -52,7 +53,7 @@ def test_deep_runs_report_gdpp_and_per_layer_metrics(recurrent_run):
 
 
 def test_depth_extrapolation_agrees_with_the_run(recurrent_run):
-    result = analyses.run("depth_extrapolation", recurrent_run.run_dir)
+    result = analyses.run("depth_extrapolation", recurrent_run)
     out = recurrent_run.run_dir / "analyses" / "depth_extrapolation"
     assert (out / "depth_extrapolation.png").is_file() and (out / "depth_extrapolation.pdf").is_file()
     df = pd.read_csv(out / "depth_extrapolation.csv")
@@ -82,5 +83,5 @@ def test_depth_extrapolation_agrees_with_the_run(recurrent_run):
 )
 def test_model_and_eval_options_fail_clearly(overrides, message):
     with pytest.raises(config.ConfigError) as err:
-        load_config(overrides)
+        analyses.check(load_config(overrides))
     assert str(err.value).startswith(message)

@@ -13,15 +13,16 @@ import pytest
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from icl_gd import analyses, cli, config, explain, metrics, models, references
+from icl_gd import analyses, cli, config, explain, metrics, models, references, tasks
 
 DIM, N, TASKS, ITERS = 4, 8, 256, 30  # the shape of conftest's tiny_run, so compiled fits are shared
 CLEAR = 10.0  # BIC difference read as very strong evidence (Kass & Raftery 1995)
-TASK = config.TaskConfig(dim=DIM, n_context=N)
+TASK = tasks.linear.LinearRegression(dim=DIM, n_context=N, tokens="constructed")
 
 
 def _lsa(layers: int):
-    return functools.partial(models.forward, models.Architecture(layers=layers))
+    arch = models.Architecture(TASK.layout, layers=layers)
+    return lambda weights, x, y, xq: models.regression_readout(arch, weights, TASK, x, y, xq)
 
 
 def _seeds(*weights):
@@ -29,8 +30,7 @@ def _seeds(*weights):
 
 
 def _explain(model_fn, params, steps):
-    return explain.explain(model_fn, params, OmegaConf.structured(TASK), jax.random.key(7), steps=steps,
-                           n_tasks=TASKS, iters=ITERS)
+    return explain.explain(model_fn, params, TASK, jax.random.key(7), steps=steps, n_tasks=TASKS, iters=ITERS)
 
 
 def test_gd_construction_ranked_gd_with_eta_recovered():
@@ -71,15 +71,11 @@ def test_exact_ridge_ranked_ridge():
 
 
 def test_random_model_explained_by_none():
-    model_cfg = config.ModelConfig()
-    params = jax.vmap(lambda k: models.init_params(model_cfg, DIM, 1.0, k))(jax.random.split(jax.random.key(3), 2))
-    graphdef = models.graphdef(model_cfg, DIM, 1.0)
+    model = models.build(OmegaConf.structured(config.ModelConfig), TASK.layout, 1.0)
+    params = jax.vmap(model.init)(jax.random.split(jax.random.key(3), 2))
 
     def model_fn(p, x, y, xq):
-        from flax import nnx
-
-        model = nnx.merge(graphdef, p)
-        return models.forward(model.arch, model.weights(), x, y, xq)
+        return models.regression_readout(model.arch, model.weights(p), TASK, x, y, xq)
 
     report = _explain(model_fn, params, 1)
     assert not report["explains"]
@@ -87,8 +83,8 @@ def test_random_model_explained_by_none():
 
 
 def test_weight_structure_of_gdpp_construction():
-    w = references.gdpp_weights(jnp.array([3.0, 2.0]), jnp.array([0.5, 0.0]), DIM, N)
-    rows = explain.weight_structure(w["w_kq"], w["w_pv"], N)
+    w = references.gdpp_weights(jnp.array([3.0, 2.0]), jnp.array([0.5, 0.0]), DIM, N).layers.attn
+    rows = explain.weight_structure(w.w_kq, w.w_pv, N)
     assert [r["layer"] for r in rows] == [0, 1]
     for row, eta, gamma in zip(rows, (3.0, 2.0), (0.5, 0.0)):
         assert row["kq_outside_gd"] == 0 and row["pv_outside_gdpp"] == 0 and row["kq_x_block_off_identity"] == 0
@@ -139,22 +135,15 @@ def test_explain_is_a_registered_analysis():
     assert "explain" in analyses.REGISTRY
 
 
-def test_spd_solve_matches_numpy():
-    m = jax.random.normal(jax.random.key(0), (7, 7))
-    a, b = m @ m.T + 0.1 * jnp.eye(7), jax.random.normal(jax.random.key(1), (7,))
-    np.testing.assert_allclose(explain.spd_solve(a, b), np.linalg.solve(np.asarray(a, np.float64), np.asarray(b)),
-                               rtol=1e-4, atol=1e-5)
-
-
 def test_fit_program_holds_no_lapack_call():
     """Batched LAPACK calls side by side deadlock XLA's CPU pool (`references.ridge_spectrum`): the
     program that fits every family at once must hold none."""
     fams, _ = explain.families(DIM, 2)
-    sets = explain.task_sets(OmegaConf.structured(TASK), jax.random.key(0), 64)
+    sets = explain.task_sets(TASK, jax.random.key(0), 64)
     stacked = explain._stack(list(sets.values()))
     spectra = jax.vmap(jax.vmap(references.ridge_spectrum))(stacked.x, stacked.y)
     model = functools.partial(references.gd_direct, etas_K=jnp.array([2.0, 2.0]))
-    model_ev = jax.vmap(lambda t: metrics.evaluate(model, t))(stacked)
+    model_ev = jax.vmap(lambda t: metrics.evaluate_tasks(model, t))(stacked)
     seeds = jax.tree_util.tree_map(lambda a: a[None], model_ev)
     text = explain._fit_and_score.lower(stacked, spectra, seeds, jnp.float32(1.0), fams=tuple(fams), iters=2).as_text()
     assert "lapack" not in text.lower()

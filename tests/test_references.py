@@ -1,4 +1,5 @@
-"""The GD / GD++ constructions, the closed forms and the line search (SPEC sections 4 and 6)."""
+"""The GD / GD++ constructions, the closed forms and the line search (docs/science.md sections 4
+and 6), and the registry of references."""
 
 import functools
 
@@ -7,7 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_gd import models, references, tasks
+from icl_gd import config, models, references, tasks
+
+TASK = tasks.linear.LinearRegression(dim=6, n_context=9, tokens="constructed")
+
+
+def lsa(weights: models.Weights, t: tasks.Tasks, layers: int) -> jax.Array:
+    """The LSA stack's readouts after each layer on regression tasks: `[B, K]`."""
+    return models.predict_batch(models.Architecture(TASK.layout, layers=layers), weights, TASK.batch(t).tokens)[:, :, 0, 0]
 
 
 def numpy_gd(x, y, xq, etas):
@@ -30,17 +38,17 @@ def test_gd_construction_is_the_spec_weights():
     w_k = w_q = np.diag([1.0, 1, 1, 0])
     w_v = np.diag([0.0, 0, 0, -1])
     w_p = np.diag([0.0, 0, 0, 2.0 / 5])
-    np.testing.assert_allclose(w["w_kq"][0, 0], w_k.T @ w_q)
-    np.testing.assert_allclose(w["w_pv"][0, 0], w_p @ w_v)
+    np.testing.assert_allclose(w.layers.attn.w_kq[0, 0], w_k.T @ w_q)
+    np.testing.assert_allclose(w.layers.attn.w_pv[0, 0], w_p @ w_v)
 
 
 @pytest.mark.parametrize("etas", [[1.3], [1.3, 0.7, 2.0]])
 def test_gd_layers_equal_gd_steps(small_tasks, etas):
     t = small_tasks
     weights = references.gd_weights(jnp.array(etas), 6, 9)
-    lsa = models.predict_batch(models.Architecture(layers=len(etas)), weights, t.x, t.y, t.xq)
+    stack = lsa(weights, t, len(etas))
     expected = np.stack([numpy_gd(*map(np.asarray, (t.x[i], t.y[i], t.xq[i])), etas) for i in range(50)])
-    np.testing.assert_allclose(lsa, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stack, expected, rtol=1e-5, atol=1e-6)
     direct = jax.vmap(references.gd_direct, in_axes=(0, 0, 0, None))(t.x, t.y, t.xq, jnp.array(etas))
     np.testing.assert_allclose(direct, expected, rtol=1e-5, atol=1e-6)
 
@@ -48,21 +56,21 @@ def test_gd_layers_equal_gd_steps(small_tasks, etas):
 def test_recurrent_gd_layer_equals_k_steps(small_tasks):
     t = small_tasks
     tied = references.gd_weights(jnp.array([0.9]), 6, 9)  # one weight set, applied 4 times
-    lsa = models.predict_batch(models.Architecture(layers=4), tied, t.x, t.y, t.xq)
+    stack = lsa(tied, t, 4)
     expected = np.stack([numpy_gd(*map(np.asarray, (t.x[i], t.y[i], t.xq[i])), [0.9] * 4) for i in range(50)])
-    np.testing.assert_allclose(lsa, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stack, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_gdpp_layers_equal_gdpp_direct(small_tasks):
     t = small_tasks
     etas, gammas = jnp.array([1.1, 0.8, 1.5]), jnp.array([0.3, -0.2, 0.5])
-    lsa = models.predict_batch(models.Architecture(layers=3), references.gdpp_weights(etas, gammas, 6, 9), t.x, t.y, t.xq)
+    stack = lsa(references.gdpp_weights(etas, gammas, 6, 9), t, 3)
     direct = jax.vmap(references.gdpp_direct, in_axes=(0, 0, 0, None, None))(t.x, t.y, t.xq, etas, gammas)
-    np.testing.assert_allclose(lsa, direct, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stack, direct, rtol=1e-5, atol=1e-6)
     # GD++'s input transformation changes predictions from the second step on.
     plain = jax.vmap(references.gd_direct, in_axes=(0, 0, 0, None))(t.x, t.y, t.xq, etas)
-    np.testing.assert_allclose(lsa[:, 0], plain[:, 0], rtol=1e-5, atol=1e-6)
-    assert float(jnp.abs(lsa[:, 2] - plain[:, 2]).mean()) > 1e-2
+    np.testing.assert_allclose(stack[:, 0], plain[:, 0], rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(stack[:, 2] - plain[:, 2]).mean()) > 1e-2
 
 
 def test_closed_form_defaults():
@@ -87,8 +95,7 @@ def test_closed_form_matches_monte_carlo(dim, n_context, law, scale, w_std, nois
 
 
 def test_line_search_and_gd_loss_for_the_paper_defaults():
-    sample = tasks.sampler({"kind": "linear", "dim": 10, "n_context": 10, "x_dist": "uniform", "x_scale": 0.5,
-                            "w_std": 1.0, "noise_std": 0.0, "distractors": 0})
+    sample = tasks.linear.LinearRegression(dim=10, n_context=10, tokens="constructed").draw
     search = references.line_search_eta(sample(jax.random.key(11), 100_000), 1, 20.0)
     assert search.eta == pytest.approx(6.0606, rel=0.02)
     eval_loss = float(references.gd_loss(jnp.array([search.eta]), sample(jax.random.key(12), 10_000)))
@@ -141,10 +148,23 @@ def test_fit_gdpp_finds_growing_steps_that_one_start_misses():
     sample = lambda k, n: tasks.sample_linear(k, n, dim=4, n_context=8)  # noqa: E731
     eval_tasks = sample(jax.random.key(1), 4000)
     eta = references.line_search_eta(sample(jax.random.key(2), 20_000), 3, 30.0).eta
-    fit = functools.partial(references.fit_gdpp, sample, 3, False, eta, jax.random.key(3), dim=4, n_context=8,
+    fit = functools.partial(references.fit_gdpp, sample, 3, False, eta, jax.random.key(3),
                             train_steps=300, batch=256, lr=0.05, eval_tasks=eval_tasks)
     best, single = fit(), fit(starts=(jnp.zeros((1, 3)), jnp.zeros((1, 3))))
     assert best.etas.shape == (3,) and best.gammas.shape == (3,) and float(best.gammas[-1]) == 0.0
     assert best.loss < 0.1 * float(references.gd_loss(jnp.full((3,), eta), eval_tasks))
     assert best.loss < 0.5 * single.loss
     assert best.etas[0] < best.etas[1] < best.etas[2]
+
+
+def test_each_task_kind_declares_registered_references():
+    for kind, declared in (("linear", ("gd", "gdpp", "ols", "ridge")), ("lds", ("gd", "ridge_online"))):
+        task = tasks.from_config(config.load_config([f"task={kind}"]).task)
+        assert tuple(r.name for r in references.for_task(task)) == declared == task.references
+
+
+def test_spd_solve_matches_numpy():
+    m = jax.random.normal(jax.random.key(0), (7, 7))
+    a, b = m @ m.T + 0.1 * jnp.eye(7), jax.random.normal(jax.random.key(1), (7,))
+    np.testing.assert_allclose(references.spd_solve(a, b), np.linalg.solve(np.asarray(a, np.float64), np.asarray(b)),
+                               rtol=1e-4, atol=1e-5)

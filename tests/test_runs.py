@@ -1,5 +1,6 @@
 """Run directories: contents, summary schema, checkpoint round trip, no overwriting."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,9 @@ from icl_gd import models, runs
 from icl_gd.config import load_config
 
 SUMMARY_METRICS = {"loss", "gd_loss", "preds_diff", "model_cos", "model_diff", "interpolated_loss",
-                   "gdpp_loss", "preds_diff_gdpp", "model_cos_gdpp", "model_diff_gdpp"}
+                   "gdpp_loss", "preds_diff_gdpp", "model_cos_gdpp", "model_diff_gdpp",
+                   "ols_loss", "preds_diff_ols", "model_cos_ols", "model_diff_ols",
+                   "ridge_loss", "preds_diff_ridge", "model_cos_ridge", "model_diff_ridge"}
 
 
 def test_run_directory_contents(tiny_run):
@@ -32,20 +35,20 @@ def test_run_directory_contents(tiny_run):
 
 
 def test_checkpoint_reloads_the_trained_model(tiny_run):
-    cfg, graphdef, params = runs.load_params(tiny_run.run_dir)
-    assert jax.tree_util.tree_leaves(params)[0].shape[0] == 2
-    model = runs.load_model(tiny_run.run_dir, seed=1)
-    fresh = nnx.merge(graphdef, models.init_params(cfg.model, 4, 0.002, jax.random.key(0)))
-    x, y, xq = jnp.ones((8, 4)), jnp.arange(8.0), jnp.ones(4)
-    assert not np.allclose(model(x, y, xq), fresh(x, y, xq))
+    loaded = runs.load(tiny_run.run_dir)
+    assert jax.tree_util.tree_leaves(loaded.params)[0].shape[0] == 2
+    model = loaded.model.module(loaded.seed(1))
+    fresh = loaded.model.module(loaded.model.init(jax.random.key(0)))
+    tokens = loaded.task.tokenize(jnp.ones((8, 4)), jnp.arange(8.0), jnp.ones(4))
+    assert not np.allclose(model(tokens), fresh(tokens))
+    # In memory and reloaded, the parameters are the same.
+    chex.assert_trees_all_close(nnx.to_pure_dict(loaded.params), nnx.to_pure_dict(tiny_run.params))
     # The reloaded model reproduces the final loss recorded in the summary.
     from icl_gd import experiment
 
-    refs = experiment.compute_references(load_config(["task.dim=4", "task.n_context=8", "eval.n_tasks=2000",
-                                                      "eval.line_search_tasks=20000"]))
-    t = refs.eval_tasks
-    preds = models.predict_batch(model.arch, model.weights(), t.x, t.y, t.xq)[:, -1]
-    loss = float(0.5 * jnp.mean((preds - t.yq) ** 2))
+    batch = experiment.evaluation_batch(loaded.task, load_config(["task.dim=4", "task.n_context=8", "eval.n_tasks=2000"]))
+    preds = models.predict_batch(model.arch, model.weights(), batch.tokens)[:, -1]
+    loss = float(0.5 * jnp.mean((preds - batch.targets) ** 2))
     assert loss == pytest.approx(runs.load_summary(tiny_run.run_dir)["final"]["loss"]["per_seed"][1], rel=1e-4)
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_gd import config, references, tasks
+from icl_gd import analyses, config, experiment, references, tasks
 
 
 def test_distractors_are_k_uniform_positions_of_noise_at_the_labels_scale():
@@ -38,8 +38,11 @@ def test_closed_form_gd_with_distractors_matches_the_line_search():
     (["task.tokens=interleaved"], "task.tokens"),
     (["task.distractors=11"], "task.distractors"),
     (["task.distractors=-1"], "task.distractors"),
-    (["task.kind=sine", "task.dim=1", "task.distractors=1"], "task.distractors"),
-    (["task.kind=sine"], "task.dim"),
+    (["task=sine", "task.distractors=1"], "task.distractors"),
+    (["task.kind=sine"], "task.kind"),
+    (["task=lds", "model.input_mlp=true"], "model.input_mlp"),
+    (["task=lds", "analyses=[ood]"], "analyses"),
+    (["task.tokens=classic", "model.input_mlp=true"], "model.input_mlp"),
     (["task.x_dist=cauchy"], "task.x_dist"),
     (["task.noise_std=-0.1"], "task.noise_std"),
     (["model.input_mlp_features=0"], "model.input_mlp_features"),
@@ -51,7 +54,11 @@ def test_closed_form_gd_with_distractors_matches_the_line_search():
     (["model.positional=maybe"], "model.positional"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_field(overrides, field):
+    """Through the checks the CLI runs before any work: the config, what the task kind needs of the
+    model, and the analyses."""
     with pytest.raises(config.ConfigError) as err:
-        config.load_config(overrides)
+        cfg = config.load_config(overrides)
+        experiment.check(cfg)
+        analyses.check(cfg)
     message = str(err.value)
     assert message.startswith(field) and "\n" not in message

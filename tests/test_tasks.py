@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_gd import tasks
+from icl_gd import config, tasks
 
 
 def test_linear_tasks_shapes_and_labels():
@@ -51,3 +51,41 @@ def test_sine_tasks():
     t = tasks.sample_sine(jax.random.key(5), 100, n_context=10)
     assert t.x.shape == (100, 10, 1)
     assert float(jnp.abs(t.y).max()) <= 0.5 and float(jnp.abs(t.x).max()) <= 5.0
+
+
+def test_registry_builds_each_kind_from_its_config():
+    assert set(tasks.REGISTRY) == {"linear", "sine", "lds"}
+    for overrides, kind in (([], tasks.linear.LinearRegression), (["experiment=sine"], tasks.sine.SineRegression),
+                            (["task=lds"], tasks.lds.LinearDynamics)):
+        task = tasks.from_config(config.load_config(overrides).task)
+        assert isinstance(task, kind)
+        hash(task)  # a static argument of jax.jit
+
+
+@pytest.mark.parametrize("overrides", [[], ["task.tokens=classic"], ["experiment=sine"], ["task=lds"]])
+def test_every_kind_produces_one_batch_structure(overrides):
+    """Tokens [B, T, D], queries [B, P, d] written in the tokens at the query slot of the scored
+    positions, targets [B, P, O]."""
+    task = tasks.from_config(config.load_config(overrides).task)
+    layout, batch = task.layout, task.sample(jax.random.key(0), 6)
+    p = len(layout.scored)
+    assert batch.tokens.shape == (6, layout.length, layout.width)
+    assert batch.queries.shape == (6, p, layout.input_dim) and batch.targets.shape == (6, p, layout.output_dim)
+    slot = slice(layout.query_slot, layout.query_slot + layout.input_dim)
+    np.testing.assert_array_equal(batch.tokens[:, np.asarray(layout.scored), slot], batch.queries)
+    moved = jax.vmap(layout.place_queries)(batch.tokens, batch.queries + 1.0)
+    np.testing.assert_array_equal(moved[:, np.asarray(layout.scored), slot], batch.queries + 1.0)
+
+
+def test_regression_tokens_and_layout():
+    task = tasks.from_config(config.load_config(["task.dim=3", "task.n_context=4"]).task)
+    t = task.draw(jax.random.key(1), 2)
+    batch = task.batch(t)
+    np.testing.assert_array_equal(batch.tokens[:, :4, :3], t.x)
+    np.testing.assert_array_equal(batch.tokens[:, :4, 3], t.y)
+    np.testing.assert_array_equal(batch.tokens[:, 4], jnp.concatenate([t.xq, jnp.zeros((2, 1))], -1))
+    np.testing.assert_array_equal(batch.targets[:, 0, 0], t.yq)
+    layout = task.layout
+    assert layout.scored == (4,) and layout.readout == 3 and layout.readout_sign == -1.0
+    assert layout.mask == tasks.Mask(causal=False, n_keys=4)
+    np.testing.assert_array_equal(layout.mask.visible(5, (4,))[:, 0], [True] * 4 + [False])

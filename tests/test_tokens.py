@@ -1,4 +1,5 @@
-"""Token layouts (SPEC section 2) and the classic-token forward pass with its copy layer."""
+"""Regression token layouts (docs/science.md section 2) and the classic-token forward pass with
+its copy layer."""
 
 import chex
 import jax
@@ -6,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icl_gd import analyses, models, references, tasks, tokens
+from icl_gd import analyses, models, references, tasks
+from icl_gd.tasks.regression import classic
 
 D, N = 3, 4
+CLASSIC = tasks.linear.LinearRegression(dim=D, n_context=N, tokens="classic")
 
 
 @pytest.fixture(scope="module")
@@ -19,74 +22,66 @@ def task():
 
 def test_classic_tokens_interleave_inputs_and_padded_labels(task):
     t, _ = task
-    ctx, query = tokens.classic(t.x, t.y, t.xq)
+    seq = classic(t.x, t.y, t.xq)
+    ctx, query = seq[:-1], seq[-1]
     assert ctx.shape == (2 * N, D + 1)
     np.testing.assert_array_equal(ctx[0::2, :D], t.x)
     np.testing.assert_array_equal(ctx[0::2, D], 0.0)
     np.testing.assert_array_equal(ctx[1::2, :D], 0.0)
     np.testing.assert_array_equal(ctx[1::2, D], t.y)
     np.testing.assert_array_equal(query, jnp.concatenate([t.xq, jnp.zeros(1)]))
+    layout = CLASSIC.layout
+    assert layout.length == 2 * N + 1 and layout.copy_layer and layout.scored == (2 * N,)
+    assert layout.input_tokens == tuple(range(0, 2 * N + 1, 2))  # x tokens and the query: an input MLP embeds them
 
 
 @pytest.mark.parametrize("kind, length", [("constructed", N + 1), ("classic", 2 * N + 1)])
 def test_positions_are_one_hot_and_the_label_slot_is_read_out(task, kind, length):
     t, _ = task
-    layout = tokens.Layout(kind, tokens.sequence_length(kind, N))
-    assert layout.positions == length and layout.dim(D) == D + 1 + length
-    ctx, query = tokens.build(layout, t.x, t.y, t.xq)
-    seq = jnp.concatenate([ctx, query[None]])
+    regression = tasks.linear.LinearRegression(dim=D, n_context=N, tokens=kind)
+    arch = models.Architecture(regression.layout, positional=True)
+    assert arch.width(D) == D + 1 + length
+    plain = regression.tokenize(t.x, t.y, t.xq)
+    seq = models.embed(arch, models.Weights(models.Layers(models.Attention(None, None))), plain)
     np.testing.assert_array_equal(seq[:, D + 1:], jnp.eye(length))
-    np.testing.assert_array_equal(seq[:, layout.label], seq[:, D])
-    plain = tokens.build(tokens.Layout(kind), t.x, t.y, t.xq)
-    np.testing.assert_array_equal(ctx[:, : D + 1], plain[0])
+    np.testing.assert_array_equal(seq[:, : D + 1], plain)
+    assert arch.readout(models.Weights(models.Layers(models.Attention(None, None)))) == D  # the label slot
 
 
-def test_layout_from_config():
-    class Cfg(dict):
-        __getattr__ = dict.__getitem__
-
-    task_cfg = Cfg(tokens="classic", n_context=N)
-    assert tokens.Layout.from_config(task_cfg, Cfg(positional=True)) == tokens.Layout("classic", 2 * N + 1)
-    assert tokens.Layout.from_config(task_cfg, Cfg(positional=False)) == tokens.Layout("classic", 0)
-    assert tokens.Layout.from_config(Cfg(tokens="constructed", n_context=N), Cfg(positional=True)).positions == N + 1
-
-
-def copying_weights(eta: float, sharpness: float = 400.0) -> tuple[tokens.Layout, models.Weights]:
+def copying_weights(eta: float, sharpness: float = 400.0) -> tuple[models.Architecture, models.Weights]:
     """A copy layer that moves each token's left neighbour's x slot into its own (a shift on the
     one-hot positions), followed by the GD construction padded to the wider tokens."""
-    layout = tokens.Layout("classic", 2 * N + 1)
-    width = layout.dim(D)
+    arch = models.Architecture(CLASSIC.layout, positional=True)
+    width, length = arch.width(D), CLASSIC.layout.length
     pos = slice(D + 1, width)
-    copy_kq = jnp.zeros((width, width)).at[pos, pos].set(sharpness * jnp.eye(layout.positions, k=1))
+    copy_kq = jnp.zeros((width, width)).at[pos, pos].set(sharpness * jnp.eye(length, k=1))
     copy_pv = jnp.zeros((width, width)).at[:D, :D].set(jnp.eye(D))
-    gd = references.gd_weights(jnp.array([eta]), D, N)
+    gd = references.gd_weights(jnp.array([eta]), D, N).layers.attn
     pad = lambda w: jnp.zeros(w.shape[:2] + (width, width)).at[..., : D + 1, : D + 1].set(w)  # noqa: E731
-    weights = {"w_kq": pad(gd["w_kq"]), "w_pv": pad(gd["w_pv"]), "copy_kq": copy_kq[None], "copy_pv": copy_pv[None]}
-    return layout, weights
+    weights = models.lsa(pad(gd.w_kq), pad(gd.w_pv))._replace(copy=models.Attention(copy_kq[None], copy_pv[None]))
+    return arch, weights
 
 
 def test_classic_tokens_with_a_copy_layer_and_the_gd_construction_do_one_gd_step(task):
     _, t = task
-    layout, weights = copying_weights(eta=1.7)
-    arch = models.Architecture(layout=layout)
-    preds = models.predict_batch(arch, weights, t.x, t.y, t.xq)[:, 0]
+    arch, weights = copying_weights(eta=1.7)
+    preds = models.predict_batch(arch, weights, CLASSIC.batch(t).tokens)[:, 0, 0, 0]
     expected = jax.vmap(references.gd_direct, in_axes=(0, 0, 0, None))(t.x, t.y, t.xq, jnp.array([1.7]))[:, 0]
     chex.assert_trees_all_close(preds, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_copy_layer_dependence_is_all_on_the_left_neighbour(task):
     t, _ = task
-    layout, weights = copying_weights(eta=1.0)
-    ctx, query = tokens.build(layout, t.x, t.y, t.xq)
-    seq = jnp.concatenate([ctx, query[None]])
-    norms = analyses.token_dependence(weights, layout, seq)
+    arch, weights = copying_weights(eta=1.0)
+    seq = models.embed(arch, weights, CLASSIC.tokenize(t.x, t.y, t.xq))
+    norms = analyses.token_dependence(weights.copy, CLASSIC.layout.length, seq)
     # A saturated softmax on positions: each token's update is its neighbour's x slot, exactly.
     expected = jnp.sqrt(D) * jnp.eye(2 * N + 1, k=-1).at[0, 0].set(1.0)
     chex.assert_trees_all_close(norms, expected, atol=1e-5)
     shares = analyses.dependence_shares(norms)
     for kind in ("x", "y", "query"):
         chex.assert_trees_all_close(shares[kind], {"self": 0.0, "neighbour": 1.0, "rest": 0.0}, atol=1e-6)
-    moved = models.copy_layer(weights, seq) - seq
+    moved = models.copy_layer(weights.copy, seq) - seq
     r2, singular = analyses.copy_fit(moved[1:-1:2], t.x)
     assert float(r2) == pytest.approx(1.0, abs=1e-5)
     chex.assert_trees_all_close(singular, jnp.ones(D), atol=1e-4)  # the identity on the x slot
@@ -95,11 +90,11 @@ def test_copy_layer_dependence_is_all_on_the_left_neighbour(task):
 def test_constructed_forward_reads_the_label_slot_with_positions(task):
     """Positions appended to constructed tokens, zero-padded GD weights: still one GD step."""
     _, t = task
-    layout = tokens.Layout("constructed", N + 1)
-    width = layout.dim(D)
-    gd = references.gd_weights(jnp.array([2.0, 2.0]), D, N)
+    constructed = tasks.linear.LinearRegression(dim=D, n_context=N, tokens="constructed")
+    arch = models.Architecture(constructed.layout, layers=2, positional=True)
+    width = arch.width(D)
+    gd = references.gd_weights(jnp.array([2.0, 2.0]), D, N).layers.attn
     pad = lambda w: jnp.zeros(w.shape[:2] + (width, width)).at[..., : D + 1, : D + 1].set(w)  # noqa: E731
-    preds = models.predict_batch(models.Architecture(layers=2, layout=layout),
-                                 {"w_kq": pad(gd["w_kq"]), "w_pv": pad(gd["w_pv"])}, t.x, t.y, t.xq)
+    preds = models.predict_batch(arch, models.lsa(pad(gd.w_kq), pad(gd.w_pv)), constructed.batch(t).tokens)
     expected = jax.vmap(references.gd_direct, in_axes=(0, 0, 0, None))(t.x, t.y, t.xq, jnp.array([2.0, 2.0]))
-    chex.assert_trees_all_close(preds, expected, atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(preds[:, :, 0, 0], expected, atol=1e-6, rtol=1e-6)

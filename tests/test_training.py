@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from flax import nnx
 
-from icl_gd import experiment, runs, training
+from icl_gd import experiment, models, runs, tasks, training
 from icl_gd.config import load_config
 from tests.conftest import SMALL_EVAL
 
@@ -48,14 +48,12 @@ def test_divergence_marks_the_run_failed(tmp_path):
 
 def test_chunk_losses_decrease_and_keys_fold_in():
     cfg = load_config(["task.dim=3", "task.n_context=5", "train.batch_size=128", "train.lr=1e-2"])
-    from icl_gd import tasks
-
+    task = tasks.from_config(cfg.task)
+    model = models.build(cfg.model, task.layout, 0.1)
     optimizer = training.make_optimizer(cfg.train)
     init_keys, data_keys = training.seed_keys(0, 2)
-    params, opt_state = training.init_states(cfg.model, 3, 0.1, optimizer, init_keys)
-    from icl_gd import models
-
-    chunk = training.make_train_chunk(models.graphdef(cfg.model, 3, 0.1), optimizer, tasks.sampler(cfg.task), 128)
+    params, opt_state = training.init_states(model, optimizer, init_keys)
+    chunk = training.make_train_chunk(model, optimizer, task, 128)
     params, opt_state, losses = chunk(params, opt_state, data_keys, 0, 300)
     assert losses.shape == (2, 300)
     assert float(np.mean(losses[:, -20:])) < 0.8 * float(np.mean(losses[:, :20]))
