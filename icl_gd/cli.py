@@ -212,20 +212,21 @@ def compare(
         runs.check_new(out)
     except runs.RunDirExists as err:
         _fail(str(err))
-    frames, rows = {}, []
+    frames, primaries, rows = {}, {}, []
     for i, run_dir in enumerate(run_dirs):
         summary = runs.load_summary(run_dir)
         layers = runs.load_config(run_dir).model.layers
         label = f"{summary['experiment']} K={layers} ({run_dir.name})"
         label = label if label not in frames else f"{label} ({i})"
         frames[label] = runs.load_metrics(run_dir)
+        primaries[label] = next(iter(summary.get("references", {"gd": None})))
         row = {"run": label, "status": summary["status"], "seeds": summary["seeds"]}
         row.update({name: stats["mean"] for name, stats in summary.get("final", {}).items()})
         rows.append(row)
     out.mkdir(parents=True)
     table_df = pd.DataFrame(rows)
     table_df.to_csv(out / "compare.csv", index=False)
-    paths = plots.compare(frames, out / "compare")
+    paths = plots.compare(frames, primaries, out / "compare")
     table = Table(title="final metrics (mean over seeds)")
     table.add_column("metric")
     for label in table_df["run"]:

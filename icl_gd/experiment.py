@@ -57,17 +57,14 @@ def evaluation_batch(task: tasks.TaskKind, cfg: DictConfig) -> tasks.Batch:
     return task.sample(jax.random.fold_in(jax.random.key(int(cfg.eval.seed)), 0), int(cfg.eval.n_tasks))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def evaluate_reference(task: tasks.TaskKind, ref: references.Reference, params, batch: tasks.Batch
                        ) -> metrics.Evaluation:
     """A reference's readouts (and sensitivities) on `batch`, in a compiled program of its own
-    (at most one batched LAPACK call per program, see `references.linalg`)."""
-
-    @jax.jit
-    def run(params, batch):
-        predict = functools.partial(ref.predict, task, params)
-        return metrics.evaluate(predict, batch.queries, batch.context, sensitivities=task.sensitivities)
-
-    return run(params, batch)
+    (at most one batched LAPACK call per program, see `references.linalg`), reused for every run
+    of the same task and shapes."""
+    predict = functools.partial(ref.predict, task, params)
+    return metrics.evaluate(predict, batch.queries, batch.context, sensitivities=task.sensitivities)
 
 
 @dataclass

@@ -4,7 +4,7 @@ A hypothesis family is a predictor `theta, (x, y, xq) -> y_hat_K` (one readout p
 model has one per layer) with a fixed number of free parameters. Each family is fitted to the
 model's final readout on a fit set (the model's predictions, not the labels), by damped
 Gauss-Newton compiled as one scan from the best of a few starting points; then compared with
-the model (SPEC section 5 metrics) on held-out tasks from the training law and on shifted input
+the model (docs/science.md section 5 metrics) on held-out tasks from the training law and on shifted input
 laws. Families are ranked by a BIC on the held-out discrepancy, so that a family pays for every
 parameter it was given.
 
@@ -36,7 +36,7 @@ ModelFn = Callable[..., jax.Array]  # (params, x_Nxd, y_N, xq_d) -> y_hat_K
 
 
 def _normal_equations(x_Nxd: jax.Array, y_N: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`A = X^T X / N` and `b = X^T y / N`, the gradient of SPEC's loss being `A w - b`."""
+    """`A = X^T X / N` and `b = X^T y / N`, the gradient of docs/science.md's loss being `A w - b`."""
     n = x_Nxd.shape[0]
     return x_Nxd.T @ x_Nxd / n, x_Nxd.T @ y_N / n
 
@@ -117,14 +117,14 @@ _SCALAR = lambda k, d, e, n: _STEP_SIZES(e)[:, None]  # noqa: E731
 FAMILIES = {
     "gd": (lambda k, d: 1,
            lambda th, x, y, q, sp, k, d, lam: references.gd_direct(x, y, q, jnp.broadcast_to(th[0], (k,))),
-           _SCALAR, "K GD steps, one shared eta (SPEC section 4)"),
+           _SCALAR, "K GD steps, one shared eta (docs/science.md section 4)"),
     "gd_per_step": (lambda k, d: k,
                     lambda th, x, y, q, sp, k, d, lam: references.gd_direct(x, y, q, th),
                     lambda k, d, e, n: jnp.repeat(_STEP_SIZES(e)[:, None], k, 1), "K GD steps, one eta per step"),
     "gdpp": (lambda k, d: 2,
              lambda th, x, y, q, sp, k, d, lam: references.gdpp_direct(
                  x, y, q, jnp.broadcast_to(th[0], (k,)), jnp.broadcast_to(th[1], (k,))),
-             lambda k, d, e, n: _pairs(_STEP_SIZES(e), _GAMMAS * e), "GD++, (eta, gamma) shared (SPEC section 4)"),
+             lambda k, d, e, n: _pairs(_STEP_SIZES(e), _GAMMAS * e), "GD++, (eta, gamma) shared (docs/science.md section 4)"),
     "gdpp_per_step": (lambda k, d: 2 * k,
                       lambda th, x, y, q, sp, k, d, lam: references.gdpp_direct(x, y, q, th[:k], th[k:]),
                       lambda k, d, e, n: jnp.repeat(_pairs(_STEP_SIZES(e), _GAMMAS * e), k, 1),
@@ -268,7 +268,7 @@ def fit(family: Family, t: Tasks, spec: references.RidgeSpectrum, target_T: jax.
 
 
 def agreement(model: metrics.Evaluation, other: metrics.Evaluation, yq_T: jax.Array) -> dict[str, jax.Array]:
-    """Per readout `[K]`: SPEC section 5's preds diff, model cos and model diff, plus the
+    """Per readout `[K]`: docs/science.md section 5's preds diff, model cos and model diff, plus the
     normalised discrepancy `nmse = mean((f - m)^2) / var(m)` (`r2 = 1 - nmse`) and `other`'s loss."""
     out = metrics.alignment(model, other)
     m, o = model.preds[..., 0, 0], other.preds[..., 0, 0]  # [T, K]: one scored position, one output
@@ -379,7 +379,7 @@ def off_identity(m_Bxdxd: np.ndarray) -> np.ndarray:
 
 def weight_structure(w_kq: np.ndarray, w_pv: np.ndarray, n_context: int) -> list[dict]:
     """Per layer and head of `[L, H, D, D]` products: the fraction of the Frobenius norm outside
-    the blocks the GD / GD++ constructions use (SPEC section 4: `W_KQ` only in its x-block,
+    the blocks the GD / GD++ constructions use (docs/science.md section 4: `W_KQ` only in its x-block,
     `W_PV` only in its x-block (GD++) and label entry (GD)), how far the x-block of `W_KQ` is
     from a multiple of the identity, and the `eta`, `gamma` a GD++ layer with these entries has."""
     w_kq, w_pv = np.asarray(w_kq, np.float64), np.asarray(w_pv, np.float64)

@@ -174,22 +174,29 @@ def run_figures(df: pd.DataFrame, summary: dict, out: Path) -> list[Path]:
     return paths
 
 
-def compare(frames: dict[str, pd.DataFrame], stem: Path) -> list[Path]:
-    """Overlay the curves of several runs, one color per run."""
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+def compare(frames: dict[str, pd.DataFrame], primaries: dict[str, str], stem: Path) -> list[Path]:
+    """Overlay the curves of several runs, one color per run; dashed: each run's primary
+    reference's loss (`primaries`: run label -> reference name)."""
+    panels = [p for p in PANELS if any(p[0] in df for df in frames.values())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.8), squeeze=False)
+    axes = axes[0]
     for i, (label, df) in enumerate(frames.items()):
         color = f"C{i % 10}"
-        for ax, (column, _, _) in zip(axes, PANELS):
+        for ax, (column, _, _) in zip(axes, panels, strict=True):
             if column in df:
                 _plot_band(ax, df, column, label, color=color)
-        axes[0].plot(df["step"].unique(), df.groupby("step")["gd_loss"].mean(), color=color, linestyle="--", linewidth=0.8)
-    for ax, (_, title, scale) in zip(axes, PANELS):
-        ax.set_title(title)
+        reference_loss = f"{primaries[label]}_loss"
+        if reference_loss in df:
+            axes[0].plot(df["step"].unique(), df.groupby("step")[reference_loss].mean(), color=color, linestyle="--",
+                         linewidth=0.8)
+    for ax, (_, title, scale) in zip(axes, panels, strict=True):
+        ax.set_title(title.replace("GD", "each run's primary reference"))
         ax.set_xlabel("training step")
         ax.set_yscale(scale)
         ax.grid(alpha=0.3)
+    axes[0].set_title("loss")
     axes[0].legend(fontsize=7)
-    fig.suptitle("runs compared (dashed: each run's GD loss)", fontsize=10)
+    fig.suptitle("runs compared (dashed: each run's primary reference, e.g. GD)", fontsize=10)
     return save(fig, stem)
 
 

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
+import jax
 import pytest
 
 from icl_gd import experiment
 from icl_gd.config import load_config
+
+# Many tests train tiny runs of the same shapes: JAX's persistent compilation cache lets a program
+# compiled by one test (or xdist worker) serve the others. It changes no result.
+jax.config.update("jax_compilation_cache_dir", str(Path(tempfile.gettempdir()) / "icl-gd-tests-jax-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 # Small evaluation sets keep the suite fast; results stay exact enough for the assertions.
 SMALL_EVAL = ["eval.n_tasks=2000", "eval.line_search_tasks=20000"]

@@ -23,6 +23,11 @@ def test_every_named_experiment_runs_a_few_steps(tmp_path, name):
     assert len(summary["per_layer"]) == layers
     for analysis in load_config([f"experiment={name}"]).analyses:
         assert analysis in summary["analyses"]
+        for file in analyses.REGISTRY[analysis].files:  # every file the analysis promises
+            assert (result.run_dir / file).stat().st_size > 0, file
+    if "copy" in summary.get("analyses", {}):
+        for parts in summary["analyses"]["copy"]["shares"].values():
+            assert sum(parts[p]["mean"] for p in ("self", "neighbour", "rest")) == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,7 @@ def test_deep_runs_report_gdpp_and_per_layer_metrics(recurrent_run):
     summary = recurrent_run.summary
     refs = summary["references"]
     assert refs["gd"]["steps"] == 3 and refs["gdpp"]["shared"] and len(refs["gdpp"]["etas"]) == 1
-    # Fitted GD++ beats plain GD with the same number of steps (SPEC section 6).
+    # Fitted GD++ beats plain GD with the same number of steps (docs/science.md section 6).
     assert refs["gdpp"]["loss"] < refs["gd"]["loss"]
     for key in ("gdpp_loss", "preds_diff_gdpp", "model_cos_gdpp", "model_diff_gdpp"):
         assert set(summary["final"][key]) == {"mean", "ci95", "per_seed"}

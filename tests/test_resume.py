@@ -17,9 +17,8 @@ from icl_gd.cli import app
 from icl_gd.config import load_config
 from tests.conftest import SMALL_EVAL
 
-RUN = ["experiment=recurrent", "model.layers=2", "task.dim=3", "task.n_context=5", "train.steps=160",
-       "train.eval_every=20", "train.checkpoint_every=2", "train.batch_size=64", "train.seeds=2", "train.lr=3e-3",
-       "eval.gdpp_steps=20", *SMALL_EVAL]
+RUN = ["task.dim=3", "task.n_context=5", "train.steps=160", "train.eval_every=20", "train.checkpoint_every=2",
+       "train.batch_size=64", "train.seeds=2", "train.lr=3e-3", *SMALL_EVAL]
 
 
 def interrupt_at(monkeypatch, step: int, signum: int = signal.SIGTERM):

@@ -20,7 +20,7 @@ from icl_gd.tasks import Regression, Tasks, input_law
 
 
 def gdpp_weights(etas_K: jax.Array, gammas_K: jax.Array, dim: int, n_context: int) -> models.Weights:
-    """K LSA layers doing GD++ steps (SPEC section 4), as products `W_KQ`, `W_PV` per layer.
+    """K LSA layers doing GD++ steps (docs/science.md section 4), as products `W_KQ`, `W_PV` per layer.
 
     `W_KQ = [[I_d, 0], [0, 0]]` reads `x_i^T x_j`; `W_PV = [[-gamma/N I_d, 0], [0, -eta/N]]`
     moves every label by `-(eta/N) sum_i y_i x_i^T x_j` (the GD step) and every input by
@@ -75,7 +75,7 @@ def gdpp_direct(x_Nxd, y_N, xq_d, etas_K, gammas_K) -> jax.Array:
 
 
 def loss(preds_B: jax.Array, yq_B: jax.Array) -> jax.Array:
-    """`0.5 * mean((y_hat - y_q)^2)` (SPEC section 5)."""
+    """`0.5 * mean((y_hat - y_q)^2)` (docs/science.md section 5)."""
     return 0.5 * jnp.mean((preds_B - yq_B) ** 2)
 
 
@@ -104,13 +104,13 @@ class GDReference(NamedTuple):
 
 def closed_form_gd(dim: int, n_context: int, x_dist: str, x_scale: float, w_std: float = 1.0, noise_std: float = 0.0,
                    distractors: int = 0) -> GDReference:
-    """Best learning rate and expected loss of one GD step (SPEC section 6).
+    """Best learning rate and expected loss of one GD step (docs/science.md section 6).
 
     With `g = (1/N) sum_i y_i x_i^T x_q`: `eta* = E[g y_q] / E[g^2]` and the loss is
     `0.5 (E[y_q^2] - E[g y_q]^2 / E[g^2])`. For `N` clean labels, `E[g y_q] = s_w^2 d sigma^4`,
     `E[g^2] = s_w^2 sigma^2 T + noise^2 d sigma^4 / N`, and
     `T = (d m4 + d(d-1) sigma^4 + (N-1) d sigma^4) / N`. Noiseless with `s_w = 1` this is
-    SPEC's `eta* = d sigma^2 / T`, loss `0.5 sigma^2 (d - d^2 sigma^4 / T)`. With `k`
+    docs/science.md's `eta* = d sigma^2 / T`, loss `0.5 sigma^2 (d - d^2 sigma^4 / T)`. With `k`
     distractors (labels replaced by independent noise of the labels' variance `s_y^2`), only
     the `C = N - k` clean labels correlate with `y_q` and with each other:
     `E[g y_q] = (C/N) s_w^2 d sigma^4` and
@@ -212,7 +212,7 @@ def gdpp_starts(steps: int, shared: bool) -> tuple[jax.Array, jax.Array]:
 def fit_gdpp(sample: Callable, steps: int, shared: bool, eta_init: float, key: jax.Array, *,
              train_steps: int, batch: int, lr: float, eval_tasks: Tasks,
              starts: Optional[tuple[jax.Array, jax.Array]] = None) -> GDPP:
-    """Train GD++'s `(eta_k, gamma_k)` by Adam on the task loss (SPEC section 4), compiled as one
+    """Train GD++'s `(eta_k, gamma_k)` by Adam on the task loss (docs/science.md section 4), compiled as one
     scan over fresh batches, from every start (`(u, v)` pairs `[C, n]`, default `gdpp_starts`) at
     once (vmapped, same batches); keep the start whose result has the lowest loss on fresh tasks
     of its own. Parametrised as
