@@ -17,9 +17,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -38,14 +39,14 @@ class Analysis:
     change) when it does not apply to a config; `files`: what it writes, relative to the run directory."""
 
     run: Callable[[runs.Trained], dict]
-    applies: Callable[[DictConfig], Optional[str]]
+    applies: Callable[[DictConfig], str | None]
     files: tuple[str, ...]
 
 
 REGISTRY: dict[str, Analysis] = {}
 
 
-def register(name: str, files: tuple[str, ...], applies: Callable[[DictConfig], Optional[str]] = lambda cfg: None):
+def register(name: str, files: tuple[str, ...], applies: Callable[[DictConfig], str | None] = lambda cfg: None):
     def add(fn: Callable[[runs.Trained], dict]) -> Callable[[runs.Trained], dict]:
         REGISTRY[name] = Analysis(fn, applies, files)
         return fn
@@ -53,7 +54,7 @@ def register(name: str, files: tuple[str, ...], applies: Callable[[DictConfig], 
     return add
 
 
-def check(cfg: DictConfig, names: Optional[Sequence[str]] = None) -> None:
+def check(cfg: DictConfig, names: Sequence[str] | None = None) -> None:
     """Raise ConfigError, naming the field, if an analysis (default: the config's `analyses`) is
     unknown or does not apply to the config; run before any work."""
     allowed = f"a list of {', '.join(sorted(REGISTRY))}"
@@ -89,9 +90,14 @@ def _table(out: Path, name: str, rows: list[dict]) -> None:
     runs.write_json(out / f"{name}.json", {"rows": rows})
 
 
+def _regression(trained: runs.Trained) -> tasks.Regression:
+    """The run's task, for the analyses whose `applies` admits regression task kinds only."""
+    return cast(tasks.Regression, trained.task)
+
+
 def _final_predictions(trained: runs.Trained, t: tasks.Tasks) -> jax.Array:
     """Final readout of every seed's trained model on regression tasks `t`: `[S, T]`."""
-    tokens = trained.task.batch(t).tokens
+    tokens = _regression(trained).batch(t).tokens
     return jax.vmap(lambda p: trained.model.predict(p, tokens)[:, -1, 0, 0])(trained.params)
 
 
@@ -99,12 +105,12 @@ def _eval_key(cfg: DictConfig, index: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(int(cfg.eval.seed)), index)
 
 
-def _needs(name: str, ok: Callable[[DictConfig], bool], what: str) -> Callable[[DictConfig], Optional[str]]:
+def _needs(name: str, ok: Callable[[DictConfig], bool], what: str) -> Callable[[DictConfig], str | None]:
     """`applies` for an analysis that needs `what` of the config."""
     return lambda cfg: None if ok(cfg) else f"analyses: got {name!r}; allowed: {name} only with {what}"
 
 
-def _kind(name: str, kinds: tuple[str, ...]) -> Callable[[DictConfig], Optional[str]]:
+def _kind(name: str, kinds: tuple[str, ...]) -> Callable[[DictConfig], str | None]:
     return _needs(name, lambda cfg: cfg.task.kind in kinds, "task=" + " or task=".join(kinds))
 
 
@@ -118,16 +124,21 @@ def ood_shifts(task) -> list[tuple[str, float | str, dict]]:
     """`(family, value, changes)` for each shift of a linear task: inputs scaled by a factor,
     weights scaled by a factor, and inputs from each law at the training inputs' variance."""
     var = tasks.input_law(task.x_dist, task.x_scale).var
-    return (
-        [("input_scale", c, {"x_scale": c * task.x_scale}) for c in INPUT_SCALES]
-        + [("weight_scale", c, {"w_std": c * task.w_std}) for c in WEIGHT_SCALES]
-        + [("input_law", law, {"x_dist": law, "x_scale": math.sqrt(var / tasks.input_law(law, 1.0).var)})
-           for law in INPUT_LAWS]
-    )
+    return [
+        *[("input_scale", c, {"x_scale": c * task.x_scale}) for c in INPUT_SCALES],
+        *[("weight_scale", c, {"w_std": c * task.w_std}) for c in WEIGHT_SCALES],
+        *[
+            ("input_law", law, {"x_dist": law, "x_scale": math.sqrt(var / tasks.input_law(law, 1.0).var)})
+            for law in INPUT_LAWS
+        ],
+    ]
 
 
-@register("ood", files=("analyses/ood/ood.csv", "analyses/ood/ood.json", "analyses/ood/ood.png",
-                        "analyses/ood/ood.pdf"), applies=_kind("ood", ("linear",)))
+@register(
+    "ood",
+    files=("analyses/ood/ood.csv", "analyses/ood/ood.json", "analyses/ood/ood.png", "analyses/ood/ood.pdf"),
+    applies=_kind("ood", ("linear",)),
+)
 def ood(trained: runs.Trained) -> dict:
     """Loss under each shift of `ood_shifts`, applied to the draws of the run's evaluation set (so
     the unshifted rows repeat the run's final losses), for the trained model (every seed) and the
@@ -141,9 +152,12 @@ def ood(trained: runs.Trained) -> dict:
 
     def per_task(x, y, xq):
         spec = references.ridge_spectrum(x, y)  # one SVD for OLS and ridge (see references.linalg)
-        return {"gd": references.gd_direct(x, y, xq, etas)[-1],
-                "gdpp": references.gdpp_direct(x, y, xq, gdpp_etas, gdpp_gammas)[-1],
-                "ols": references.ridge_from_spectrum(spec, xq), "ridge": references.ridge_from_spectrum(spec, xq, lam)}
+        return {
+            "gd": references.gd_direct(x, y, xq, etas)[-1],
+            "gdpp": references.gdpp_direct(x, y, xq, gdpp_etas, gdpp_gammas)[-1],
+            "ols": references.ridge_from_spectrum(spec, xq),
+            "ridge": references.ridge_from_spectrum(spec, xq, lam),
+        }
 
     @jax.jit
     def shifted_losses(t):
@@ -153,11 +167,21 @@ def ood(trained: runs.Trained) -> dict:
 
     rows = []
     for family, value, changes in ood_shifts(trained.task):
-        shifted = trained.task.shifted(**changes).draw(_eval_key(cfg, 0), int(cfg.eval.n_tasks))
+        shifted = (
+            cast(tasks.LinearRegression, trained.task).shifted(**changes).draw(_eval_key(cfg, 0), int(cfg.eval.n_tasks))
+        )
         host = jax.device_get(shifted_losses(shifted))
         model = metrics.mean_ci95(host.pop("model"))
-        rows.append({"shift": family, "value": value, "model": model["mean"], "model_lo": model["ci95"][0],
-                     "model_hi": model["ci95"][1], **{k: float(v) for k, v in host.items()}})
+        rows.append(
+            {
+                "shift": family,
+                "value": value,
+                "model": model["mean"],
+                "model_lo": model["ci95"][0],
+                "model_hi": model["ci95"][1],
+                **{k: float(v) for k, v in host.items()},
+            }
+        )
     out = output_dir(trained.run_dir, "ood")
     _table(out, "ood", rows)
     plots.ood_curves(pd.DataFrame(rows), out / "ood")
@@ -174,15 +198,22 @@ def _feature_tasks(embed: models.MLP, t: tasks.Tasks) -> tasks.Tasks:
     return t._replace(x=models.mlp(t.x, embed), xq=models.mlp(t.xq, embed))
 
 
-def on_features(arch: models.Architecture, task: tasks.Regression, features: int) -> tuple[models.Architecture,
-                                                                                           tasks.Regression]:
+def on_features(
+    arch: models.Architecture, task: tasks.Regression, features: int
+) -> tuple[models.Architecture, tasks.Regression]:
     """The model's attention layers as a model of their own, on tasks whose inputs are the features."""
     feature_task = dataclasses.replace(task, dim=features)
     return dataclasses.replace(arch, layout=feature_task.layout, input_mlp=False), feature_task
 
 
-def mlp_gd(arch: models.Architecture, task: tasks.Regression, weights: models.Weights, eval_tasks: tasks.Tasks,
-           search_tasks: tasks.Tasks, steps: int) -> dict[str, jax.Array]:
+def mlp_gd(
+    arch: models.Architecture,
+    task: tasks.Regression,
+    weights: models.Weights,
+    eval_tasks: tasks.Tasks,
+    search_tasks: tasks.Tasks,
+    steps: int,
+) -> dict[str, jax.Array]:
     """A model with an input MLP against "MLP + GD": `steps` GD steps on its own learned features
     `phi(x)`, `eta` line-searched on `search_tasks` seen through the same features. Returns both
     losses, the eta, OLS on the features, preds diff and the partial cos: the cosine between the
@@ -197,23 +228,32 @@ def mlp_gd(arch: models.Architecture, task: tasks.Regression, weights: models.We
     feats = _feature_tasks(weights.embed, eval_tasks)
     feature_arch, feature_task = on_features(arch, task, feats.x.shape[-1])
     attention_only = weights._replace(embed=None)
-    model_ev = metrics.evaluate_tasks(functools.partial(models.regression_readout, feature_arch, attention_only,
-                                                        feature_task), feats)
+    model_ev = metrics.evaluate_tasks(
+        functools.partial(models.regression_readout, feature_arch, attention_only, feature_task), feats
+    )
     gd_ev = metrics.evaluate_tasks(lambda x, y, xq: references.gd_direct(x, y, xq, jnp.full((steps,), eta))[-1:], feats)
     ols = jax.vmap(references.ridge_predict)(feats.x, feats.y, feats.xq)[:, 0]
     align = metrics.alignment(model_ev, gd_ev)
     yq = eval_tasks.yq[:, None, None]
-    return {"loss": metrics.losses(model_ev, yq)[-1], "mlp_gd_loss": metrics.losses(gd_ev, yq)[0],
-            "mlp_gd_eta": eta, "mlp_ols_loss": references.loss(ols, eval_tasks.yq),
-            "preds_diff": align["preds_diff"][-1], "partial_cos": align["model_cos"][-1]}
+    return {
+        "loss": metrics.losses(model_ev, yq)[-1],
+        "mlp_gd_loss": metrics.losses(gd_ev, yq)[0],
+        "mlp_gd_eta": eta,
+        "mlp_ols_loss": references.loss(ols, eval_tasks.yq),
+        "preds_diff": align["preds_diff"][-1],
+        "partial_cos": align["model_cos"][-1],
+    }
 
 
-@register("sine", files=tuple(f"analyses/sine/sine.{s}" for s in ("csv", "json", "png", "pdf")),
-          applies=_needs("sine", lambda cfg: bool(cfg.model.input_mlp), "model.input_mlp=true"))
+@register(
+    "sine",
+    files=tuple(f"analyses/sine/sine.{s}" for s in ("csv", "json", "png", "pdf")),
+    applies=_needs("sine", lambda cfg: bool(cfg.model.input_mlp), "model.input_mlp=true"),
+)
 def sine(trained: runs.Trained) -> dict:
     """`mlp_gd` for every seed of a run with an input MLP, on its evaluation set (eta searched on
     its line-search set), and example fits with the learned features."""
-    cfg, task, model = trained.cfg, trained.task, trained.model
+    cfg, task, model = trained.cfg, _regression(trained), trained.model
     steps = int(cfg.model.layers)
     eval_tasks = task.draw(_eval_key(cfg, 0), int(cfg.eval.n_tasks))
     search_tasks = task.draw(_eval_key(cfg, 1), int(cfg.eval.line_search_tasks))
@@ -227,7 +267,8 @@ def sine(trained: runs.Trained) -> dict:
     _table(out, "sine", rows)
     grid = jnp.linspace(-5.0, 5.0, SINE_GRID)
     curves = _sine_curves(trained, eval_tasks, grid, per["mlp_gd_eta"][0], steps)
-    plots.sine_fits(*jax.device_get(curves), np.asarray(grid), out / "sine")
+    net, gd, ctx_x, ctx_y, feats = jax.device_get(curves)
+    plots.sine_fits(net, gd, ctx_x, ctx_y, feats, np.asarray(grid), out / "sine")
     return {name: metrics.mean_ci95(per[name]) for name in per}
 
 
@@ -236,12 +277,13 @@ def _sine_curves(trained: runs.Trained, t: tasks.Tasks, grid: jax.Array, eta, st
     every query on `grid`, the context points, and the learned features on `grid`."""
     weights = trained.model.weights(trained.seed(0))
     assert weights.embed is not None
+    embed = weights.embed
     ex = jax.tree_util.tree_map(lambda a: a[:SINE_EXAMPLES], t)
     xq_G = grid[:, None]
-    readout = functools.partial(models.regression_readout, trained.model.arch, weights, trained.task)
+    readout = functools.partial(models.regression_readout, trained.model.arch, weights, _regression(trained))
 
     def curves(x, y):
-        feats, feats_q = models.mlp(x, weights.embed), models.mlp(xq_G, weights.embed)
+        feats, feats_q = models.mlp(x, embed), models.mlp(xq_G, embed)
         net = jax.vmap(lambda xq: readout(x, y, xq)[-1])(xq_G)
         gd = jax.vmap(lambda fq: references.gd_direct(feats, y, fq, jnp.full((steps,), eta))[-1])(feats_q)
         return net, gd
@@ -279,8 +321,14 @@ def dependence_shares(norms_MxM: jax.Array) -> dict[str, dict[str, jax.Array]]:
     own = sq[idx, idx] / total
     left = jnp.where(idx > 0, sq[idx, jnp.maximum(idx - 1, 0)], 0.0) / total
     kinds = {"x": (idx % 2 == 0) & (idx > 0) & (idx < m - 1), "y": idx % 2 == 1, "query": idx == m - 1}
-    return {kind: {"self": jnp.mean(own, where=sel), "neighbour": jnp.mean(left, where=sel),
-                   "rest": jnp.mean(1.0 - own - left, where=sel)} for kind, sel in kinds.items()}
+    return {
+        kind: {
+            "self": jnp.mean(own, where=sel),
+            "neighbour": jnp.mean(left, where=sel),
+            "rest": jnp.mean(1.0 - own - left, where=sel),
+        }
+        for kind, sel in kinds.items()
+    }
 
 
 def copy_fit(updates_TxD: jax.Array, x_Txd: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -294,9 +342,15 @@ def copy_fit(updates_TxD: jax.Array, x_Txd: jax.Array) -> tuple[jax.Array, jax.A
     return r2, jnp.linalg.svd(coef[:-1], compute_uv=False)
 
 
-@register("copy", files=tuple(f"analyses/copy/copy.{s}" for s in ("csv", "json", "png", "pdf")),
-          applies=_needs("copy", lambda cfg: cfg.task.get("tokens") is not None and cfg.task.tokens.name == "classic",
-                         "task.tokens=classic"))
+@register(
+    "copy",
+    files=tuple(f"analyses/copy/copy.{s}" for s in ("csv", "json", "png", "pdf")),
+    applies=_needs(
+        "copy",
+        lambda cfg: cfg.task.get("tokens") is not None and cfg.task.tokens.name == "classic",
+        "task.tokens=classic",
+    ),
+)
 def copy_dependence(trained: runs.Trained) -> dict:
     """Classic tokens: how much the first layer's update of each token depends on the token
     itself, on its left neighbour and on the rest (Jacobian norms, `token_dependence`), and how
@@ -304,7 +358,7 @@ def copy_dependence(trained: runs.Trained) -> dict:
     the singular values of that map per seed (`copy_singular_values`: a full copy has `d` of
     comparable size, a low-rank one copies only some directions of `x_i`). A copying layer gives
     label tokens a neighbour share and `copy_r2` near 1."""
-    cfg, task, arch = trained.cfg, trained.task, trained.model.arch
+    cfg, task, arch = trained.cfg, _regression(trained), trained.model.arch
     t = task.draw(_eval_key(cfg, 0), COPY_TASKS)
     batch = task.batch(t)
     positions = task.layout.length if arch.positional else 0
@@ -315,18 +369,28 @@ def copy_dependence(trained: runs.Trained) -> dict:
         seqs = jax.vmap(functools.partial(models.embed, arch, weights))(batch.tokens)
         norms = jax.lax.map(functools.partial(token_dependence, weights.copy, positions), seqs, batch_size=32).mean(0)
         moved = (jax.vmap(functools.partial(models.copy_layer, weights.copy))(seqs) - seqs)[:, 1:-1:2]  # label tokens
-        x = seqs[:, 0:-1:2, : seqs.shape[-1] - positions - 1]  # the x slot of the x tokens (features, with an input MLP)
-        return norms, dependence_shares(norms), *copy_fit(moved.reshape(-1, moved.shape[-1]),
-                                                          x.reshape(-1, x.shape[-1]))
+        # The x slot of the x tokens (features, with an input MLP).
+        x = seqs[:, 0:-1:2, : seqs.shape[-1] - positions - 1]
+        return (
+            norms,
+            dependence_shares(norms),
+            *copy_fit(moved.reshape(-1, moved.shape[-1]), x.reshape(-1, x.shape[-1])),
+        )
 
     norms, shares, r2, singular = jax.device_get(jax.jit(jax.vmap(per_seed))(trained.params))
-    rows = [{"seed": s, "token": kind, **{part: float(v[s]) for part, v in parts.items()}}
-            for s in range(int(cfg.train.seeds)) for kind, parts in shares.items()]
+    rows = [
+        {"seed": s, "token": kind, **{part: float(v[s]) for part, v in parts.items()}}
+        for s in range(int(cfg.train.seeds))
+        for kind, parts in shares.items()
+    ]
     out = output_dir(trained.run_dir, "copy")
     _table(out, "copy", rows)
     plots.token_dependence(np.asarray(norms[0]), pd.DataFrame(rows), out / "copy")
-    return {"shares": {kind: {part: metrics.mean_ci95(v) for part, v in parts.items()} for kind, parts in shares.items()},
-            "copy_r2": metrics.mean_ci95(r2), "copy_singular_values": singular}
+    return {
+        "shares": {kind: {part: metrics.mean_ci95(v) for part, v in parts.items()} for kind, parts in shares.items()},
+        "copy_r2": metrics.mean_ci95(r2),
+        "copy_singular_values": singular,
+    }
 
 
 EXPLAIN_DIR, EXPLAIN_FILE = "explain", "explain.json"
@@ -337,8 +401,9 @@ class ExplainError(ValueError):
     """Bad input to `explain_run`, in one line naming the argument and its allowed values."""
 
 
-def check_explain(run_dir: Path, seeds: Optional[Sequence[int]], n_tasks: int, iters: int,
-                  out: Optional[Path]) -> tuple[Path, list[int]]:
+def check_explain(
+    run_dir: Path, seeds: Sequence[int] | None, n_tasks: int, iters: int, out: Path | None
+) -> tuple[Path, list[int]]:
     """Everything `explain_run` needs of a run directory, checked before any work: returns the
     output folder and the seeds."""
     run_dir = Path(run_dir)
@@ -350,7 +415,9 @@ def check_explain(run_dir: Path, seeds: Optional[Sequence[int]], n_tasks: int, i
         raise ExplainError(f"RUN_DIR: {run_dir} is a {status} run; allowed: a completed run")
     cfg = runs.load_config(run_dir)
     if cfg.task.kind != "linear":
-        raise ExplainError(f"task.kind: explain tests linear-regression hypotheses; got {cfg.task.kind!r}, allowed: linear")
+        raise ExplainError(
+            f"task.kind: explain tests linear-regression hypotheses; got {cfg.task.kind!r}, allowed: linear"
+        )
     n_seeds = int(cfg.train.seeds)
     seeds = list(range(n_seeds)) if seeds is None else [int(s) for s in seeds]
     if not seeds or any(not 0 <= s < n_seeds for s in seeds):
@@ -358,7 +425,9 @@ def check_explain(run_dir: Path, seeds: Optional[Sequence[int]], n_tasks: int, i
     fams, _ = explain_lib.families(int(cfg.task.dim), int(cfg.model.layers), float(cfg.task.noise_std))
     least = max(MIN_EXPLAIN_TASKS, 2 * max(f.n_params for f in fams))
     if n_tasks < least:
-        raise ExplainError(f"--tasks: got {n_tasks}; allowed: an integer >= {least} (twice the largest family's parameters)")
+        raise ExplainError(
+            f"--tasks: got {n_tasks}; allowed: an integer >= {least} (twice the largest family's parameters)"
+        )
     if iters < 1:
         raise ExplainError(f"--iters: got {iters}; allowed: an integer >= 1")
     if out.exists():
@@ -366,8 +435,14 @@ def check_explain(run_dir: Path, seeds: Optional[Sequence[int]], n_tasks: int, i
     return out, seeds
 
 
-def explain_run(trained: runs.Trained, *, seeds: Optional[Sequence[int]] = None, n_tasks: int = 2048,
-                iters: int = 50, out: Optional[Path] = None) -> tuple[dict, Path]:
+def explain_run(
+    trained: runs.Trained,
+    *,
+    seeds: Sequence[int] | None = None,
+    n_tasks: int = 2048,
+    iters: int = 50,
+    out: Path | None = None,
+) -> tuple[dict, Path]:
     """Run `icl_gd.explain` on the trained model of the given seeds (all by default) and write
     `explain.json`, the ranking figure, the weight heatmaps (first seed) and, for deep models,
     the per-layer figure to `out` (default `RUN_DIR/explain`), which must not exist. Files appear
@@ -379,17 +454,21 @@ def explain_run(trained: runs.Trained, *, seeds: Optional[Sequence[int]] = None,
     params_S = jax.tree_util.tree_map(lambda a: a[np.asarray(seeds)], trained.params)
 
     def model_fn(p, x, y, xq):
-        return models.regression_readout(model.arch, model.weights(p), trained.task, x, y, xq)
+        return models.regression_readout(model.arch, model.weights(p), _regression(trained), x, y, xq)
 
     key = _eval_key(cfg, 2)  # 0 and 1: the eval and line-search sets
-    report = explain_lib.explain(model_fn, params_S, trained.task, key, steps=int(cfg.model.layers), n_tasks=n_tasks,
-                                 iters=iters)
+    report = explain_lib.explain(
+        model_fn, params_S, trained.task, key, steps=int(cfg.model.layers), n_tasks=n_tasks, iters=iters
+    )
     attn = jax.device_get(jax.vmap(lambda p: model.weights(p).layers.attn)(params_S))
     n_context = int(cfg.task.n_context)
     report.update(
-        run=str(run_dir), experiment=trained.summary.get("experiment"), seed_ids=seeds,
-        weights={"per_seed": [explain_lib.weight_structure(attn.w_kq[i], attn.w_pv[i], n_context)
-                              for i in range(len(seeds))]},
+        run=str(run_dir),
+        experiment=trained.summary.get("experiment"),
+        seed_ids=seeds,
+        weights={
+            "per_seed": [explain_lib.weight_structure(attn.w_kq[i], attn.w_pv[i], n_context) for i in range(len(seeds))]
+        },
         wall_time_s=time.time() - started,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -406,31 +485,52 @@ def explain_run(trained: runs.Trained, *, seeds: Optional[Sequence[int]] = None,
     return report, out
 
 
-@register("explain", files=(f"{EXPLAIN_DIR}/{EXPLAIN_FILE}", f"{EXPLAIN_DIR}/ranking.png", f"{EXPLAIN_DIR}/ranking.pdf",
-                            f"{EXPLAIN_DIR}/weights.png", f"{EXPLAIN_DIR}/weights.pdf"),
-          applies=_kind("explain", ("linear",)))
+@register(
+    "explain",
+    files=(
+        f"{EXPLAIN_DIR}/{EXPLAIN_FILE}",
+        f"{EXPLAIN_DIR}/ranking.png",
+        f"{EXPLAIN_DIR}/ranking.pdf",
+        f"{EXPLAIN_DIR}/weights.png",
+        f"{EXPLAIN_DIR}/weights.pdf",
+    ),
+    applies=_kind("explain", ("linear",)),
+)
 def explain(trained: runs.Trained) -> dict:
     """Which algorithm the trained model runs, on every seed; files in RUN_DIR/explain/."""
     report, out = explain_run(trained)
     rank = report["ranking"]
-    return {"winner": rank["winner"], "runner_up": rank["runner_up"], "margin": rank["margin"],
-            "explains": report["explains"], "verdict": report["verdict"], "file": str(out / EXPLAIN_FILE)}
+    return {
+        "winner": rank["winner"],
+        "runner_up": rank["runner_up"],
+        "margin": rank["margin"],
+        "explains": report["explains"],
+        "verdict": report["verdict"],
+        "file": str(out / EXPLAIN_FILE),
+    }
 
 
-def _needs_recurrent(cfg: DictConfig) -> Optional[str]:
+def _needs_recurrent(cfg: DictConfig) -> str | None:
     if cfg.task.kind not in ("linear", "sine"):
         return _kind("depth_extrapolation", ("linear", "sine"))(cfg)
-    return None if cfg.model.recurrent else "model.recurrent: got False; allowed: true for the depth_extrapolation analysis"
+    return (
+        None
+        if cfg.model.recurrent
+        else "model.recurrent: got False; allowed: true for the depth_extrapolation analysis"
+    )
 
 
-@register("depth_extrapolation", files=tuple(f"analyses/depth_extrapolation/depth_extrapolation.{s}"
-                                             for s in ("csv", "png", "pdf")), applies=_needs_recurrent)
+@register(
+    "depth_extrapolation",
+    files=tuple(f"analyses/depth_extrapolation/depth_extrapolation.{s}" for s in ("csv", "png", "pdf")),
+    applies=_needs_recurrent,
+)
 def depth_extrapolation(trained: runs.Trained) -> dict:
     """Iterate a trained recurrent layer up to `eval.extrapolate_to` times (each update scaled by
     `eval.damping`) and compare with as many GD and GD++ steps, with the run's own `eta` and
     fitted GD++ scalars (docs/science.md section 4), on the run's evaluation set. Depth is the
     length of a scan, so 50 iterations compile one layer."""
-    cfg, refs, task = trained.cfg, trained.summary["references"], trained.task
+    cfg, refs, task = trained.cfg, trained.summary["references"], _regression(trained)
     n, damping, trained_depth = int(cfg.eval.extrapolate_to), float(cfg.eval.damping), int(cfg.model.layers)
     t = task.draw(_eval_key(cfg, 0), int(cfg.eval.n_tasks))
     arch = trained.model.arch.deeper(n)
@@ -445,17 +545,26 @@ def depth_extrapolation(trained: runs.Trained) -> dict:
         return metrics.evaluate_tasks(functools.partial(models.regression_readout, arch, damped, task), t)
 
     gd_eval = jax.jit(lambda t: metrics.evaluate_tasks(lambda x, y, q: references.gd_direct(x, y, q, gd_etas), t))(t)
-    gdpp_eval = jax.jit(lambda t: metrics.evaluate_tasks(
-        lambda x, y, q: references.gdpp_direct(x, y, q, gdpp_etas, gdpp_gammas), t))(t)
+    gdpp_eval = jax.jit(
+        lambda t: metrics.evaluate_tasks(lambda x, y, q: references.gdpp_direct(x, y, q, gdpp_etas, gdpp_gammas), t)
+    )(t)
     yq = t.yq[:, None, None]
     rows = []
     for seed in range(int(cfg.train.seeds)):
         ev = model_eval(trained.seed(seed))
         to_gd, to_gdpp = metrics.alignment(ev, gd_eval), metrics.alignment(ev, gdpp_eval)
         loss = metrics.losses(ev, yq)
-        rows += [{"seed": seed, "iterations": k + 1, "loss": float(loss[k]), "model_cos": float(to_gd["model_cos"][k]),
-                  "model_cos_gdpp": float(to_gdpp["model_cos"][k]), "preds_diff_gdpp": float(to_gdpp["preds_diff"][k])}
-                 for k in range(n)]
+        rows += [
+            {
+                "seed": seed,
+                "iterations": k + 1,
+                "loss": float(loss[k]),
+                "model_cos": float(to_gd["model_cos"][k]),
+                "model_cos_gdpp": float(to_gdpp["model_cos"][k]),
+                "preds_diff_gdpp": float(to_gdpp["preds_diff"][k]),
+            }
+            for k in range(n)
+        ]
     df = pd.DataFrame(rows)
     gd_loss, gdpp_loss = np.asarray(metrics.losses(gd_eval, yq)), np.asarray(metrics.losses(gdpp_eval, yq))
     df["gd_loss"] = gd_loss[df["iterations"] - 1]
@@ -463,7 +572,7 @@ def depth_extrapolation(trained: runs.Trained) -> dict:
     out = output_dir(trained.run_dir, "depth_extrapolation")
     df.to_csv(out / "depth_extrapolation.csv", index=False)
     plots.depth_extrapolation(df, trained_depth, damping, out / "depth_extrapolation")
-    mean = df.groupby("iterations").mean(numeric_only=True)
+    mean = cast(pd.DataFrame, df.groupby("iterations").mean(numeric_only=True))
     at = sorted({trained_depth, min(2 * trained_depth, n), n})
     names = ("loss", "gd_loss", "gdpp_loss", "model_cos", "model_cos_gdpp")
     return {
@@ -471,6 +580,6 @@ def depth_extrapolation(trained: runs.Trained) -> dict:
         "iterations": n,
         "damping": damping,
         "at": {str(k): {name: float(mean.loc[k, name]) for name in names} for k in at},
-        "best_iterations": int(mean["loss"].idxmin()),
-        "best_loss": float(mean["loss"].min()),
+        "best_iterations": int(cast(int, mean["loss"].idxmin())),  # a label of the index: iterations
+        "best_loss": float(cast(float, mean["loss"].min())),
     }

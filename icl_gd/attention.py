@@ -10,7 +10,7 @@ the same functions. Register a new kind with `@register("name")` and add its nam
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +34,13 @@ def take(tokens_TxD: jax.Array, positions: tuple[int, ...]) -> jax.Array:
     """The tokens at static `positions`: a slice when they are contiguous, else a gather."""
     start = positions[0]
     if positions == tuple(range(start, start + len(positions))):
-        return tokens_TxD[start:start + len(positions)]
+        return tokens_TxD[start : start + len(positions)]
     return tokens_TxD[np.asarray(positions)]
 
 
-def keys_and_visibility(tokens_TxD: jax.Array, positions: tuple[int, ...], mask: Mask
-                        ) -> tuple[jax.Array, Optional[jax.Array]]:
+def keys_and_visibility(
+    tokens_TxD: jax.Array, positions: tuple[int, ...], mask: Mask
+) -> tuple[jax.Array, jax.Array | None]:
     """The key / value tokens and, for causal masks, which of them each query sees (`[N, M]`).
     A context mask needs no matrix: its keys are the first `n_keys` tokens for every query."""
     if not mask.causal:
@@ -54,8 +55,9 @@ def _pool(scores_HxNxM: jax.Array, keys_NxD: jax.Array, w_pv: jax.Array) -> jax.
 
 
 @register("linear")
-def linear(tokens_TxD: jax.Array, positions: tuple[int, ...], w_kq: jax.Array, w_pv: jax.Array,
-           mask: Mask) -> jax.Array:
+def linear(
+    tokens_TxD: jax.Array, positions: tuple[int, ...], w_kq: jax.Array, w_pv: jax.Array, mask: Mask
+) -> jax.Array:
     """Linear self-attention: scores `e_i^T W_KQ e_j` used as they are (docs/science.md section 3)."""
     keys, visible = keys_and_visibility(tokens_TxD, positions, mask)
     scores_HxNxM = jnp.einsum("nd,hde,me->hnm", keys, w_kq, take(tokens_TxD, positions))
@@ -65,8 +67,9 @@ def linear(tokens_TxD: jax.Array, positions: tuple[int, ...], w_kq: jax.Array, w
 
 
 @register("softmax")
-def softmax(tokens_TxD: jax.Array, positions: tuple[int, ...], w_kq: jax.Array, w_pv: jax.Array,
-            mask: Mask) -> jax.Array:
+def softmax(
+    tokens_TxD: jax.Array, positions: tuple[int, ...], w_kq: jax.Array, w_pv: jax.Array, mask: Mask
+) -> jax.Array:
     """Softmax attention: scores scaled by `1/sqrt(D)`, normalised over the visible keys
     (docs/science.md section 9)."""
     keys, visible = keys_and_visibility(tokens_TxD, positions, mask)

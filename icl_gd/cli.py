@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import NoReturn, cast
 
 import typer
 from rich.console import Console
@@ -20,12 +20,12 @@ from icl_gd import config as config_lib
 
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # no "no TPU" notice on every run
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=cast(str, __doc__).splitlines()[0])
 console = Console()
 OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. experiment=single_layer train.seeds=5")
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -52,7 +52,10 @@ def _fmt(value) -> str:
 
 
 def print_summary(summary: dict, run_dir: Path) -> None:
-    table = Table(title=f"{summary['experiment']}: {summary['status']} in {summary['wall_time_s']:.1f} s ({summary['seeds']} seed(s))")
+    table = Table(
+        title=f"{summary['experiment']}: {summary['status']} in {summary['wall_time_s']:.1f} s "
+        f"({summary['seeds']} seed(s))"
+    )
     for column in ("metric", "mean", "95% interval"):
         table.add_column(column)
     for name, stats in summary["final"].items():
@@ -66,10 +69,12 @@ def print_summary(summary: dict, run_dir: Path) -> None:
 
 @app.command()
 def train(
-    overrides: Optional[List[str]] = OVERRIDES,
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (must not exist). Default runs/<experiment>/<timestamp>."),
+    overrides: list[str] | None = OVERRIDES,
+    out: Path | None = typer.Option(
+        None, "--out", help="Run directory (must not exist). Default runs/<experiment>/<timestamp>."
+    ),
     multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep comma-separated override values with Hydra."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory to train.steps."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run directory to train.steps."),
 ):
     """Train a model and write its run directory (config, metrics, plots, checkpoints, summary).
     SIGINT / SIGTERM save the run and mark it `interrupted`; `--resume RUN_DIR` continues it."""
@@ -108,7 +113,7 @@ def _run_job(job) -> None:
     print_summary(trained.summary, trained.run_dir)
 
 
-def _multirun(overrides: list[str], out: Optional[Path]) -> None:
+def _multirun(overrides: list[str], out: Path | None) -> None:
     """Validate every job of the sweep first, then hand the sweep to Hydra's launcher."""
     from icl_gd import runs
 
@@ -149,8 +154,8 @@ def _hydra_entry(cfg) -> None:
 
 @app.command()
 def baselines(
-    overrides: Optional[List[str]] = OVERRIDES,
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON (must not exist)."),
+    overrides: list[str] | None = OVERRIDES,
+    json_file: Path | None = typer.Option(None, "--json", help="Also write the table as JSON (must not exist)."),
 ):
     """Fit and evaluate the task's reference algorithms, without training: each reference's loss on
     the evaluation set (for sequence tasks, the mean over positions and the loss at each position)."""
@@ -170,11 +175,17 @@ def baselines(
         table.add_row(f"{ref.name}: {ref.label}", params or "-", _fmt(entry["loss"]))
     for name, entry in refs.analytic.items():
         if entry is not None:
-            table.add_row(f"{name} (expected, closed form)", ", ".join(f"{k}={_fmt(v)}" for k, v in entry.items()
-                                                                      if k != "loss"), _fmt(entry["loss"]))
+            table.add_row(
+                f"{name} (expected, closed form)",
+                ", ".join(f"{k}={_fmt(v)}" for k, v in entry.items() if k != "loss"),
+                _fmt(entry["loss"]),
+            )
     console.print(table)
-    by_position = {name: e["loss_by_position"] for name, e in data["references"].items()
-                   if isinstance(e, dict) and "loss_by_position" in e}
+    by_position = {
+        name: e["loss_by_position"]
+        for name, e in data["references"].items()
+        if isinstance(e, dict) and "loss_by_position" in e
+    }
     if by_position:
         positions = len(next(iter(by_position.values())))
         shown = sorted({1, 2, 3, 5, 10, 20, positions // 2, positions} & set(range(1, positions + 1)))
@@ -193,8 +204,10 @@ def baselines(
 
 @app.command()
 def compare(
-    run_dirs: List[Path] = typer.Argument(..., help="Run directories written by `icl-gd train`."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where the figure and table go (must not exist). Default runs/compare/<timestamp>."),
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories written by `icl-gd train`."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Where the figure and table go (must not exist). Default runs/compare/<timestamp>."
+    ),
 ):
     """Overlay the curves of several runs and tabulate their final metrics (and their `explain`
     results side by side, for runs that have RUN_DIR/explain/explain.json)."""
@@ -235,8 +248,10 @@ def compare(
         table.add_row(str(column), *[_fmt(v) for v in table_df[column].tolist()])
     console.print(table)
     written = [out / "compare.csv", *paths]
-    explained = {label: run_dir / analyses.EXPLAIN_DIR / analyses.EXPLAIN_FILE
-                 for label, run_dir in zip(frames, run_dirs)}
+    explained = {
+        label: run_dir / analyses.EXPLAIN_DIR / analyses.EXPLAIN_FILE
+        for label, run_dir in zip(frames, run_dirs, strict=True)
+    }
     reports = {label: json.loads(path.read_text()) for label, path in explained.items() if path.exists()}
     if reports:
         explain_df = explain_table(reports)
@@ -266,8 +281,11 @@ def explain_table(reports: dict[str, dict]):
         row = {"family": f"{name}"}
         for label, r in reports.items():
             fam = r["families"].get(name)
-            row[label] = "-" if fam is None else (f"{r['ranking']['delta'][name]['mean']:.4g} "
-                                                  f"({fam['heldout']['r2']['mean']:.4f})")
+            row[label] = (
+                "-"
+                if fam is None
+                else (f"{r['ranking']['delta'][name]['mean']:.4g} ({fam['heldout']['r2']['mean']:.4f})")
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -314,7 +332,7 @@ def explain(
     seed_all: bool = typer.Option(False, "--seed-all", help="Explain every seed; 95% intervals across them."),
     tasks: int = typer.Option(2048, "--tasks", help="Tasks in the fit set and in each scoring set."),
     iters: int = typer.Option(50, "--iters", help="Gauss-Newton iterations per fit."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (must not exist). Default RUN_DIR/explain."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (must not exist). Default RUN_DIR/explain."),
 ):
     """Which algorithm does the trained model run? Fit GD, GD++, preconditioned GD, iterative
     solvers and ridge to its predictions, score them on held-out and shifted tasks, rank them by
@@ -328,8 +346,9 @@ def explain(
     except analyses.ExplainError as err:
         _fail(str(err))
     print_explain(report)
-    console.print(f"written: {folder} ({analyses.EXPLAIN_FILE}, ranking, weights figures) "
-                  f"in {report['wall_time_s']:.1f} s")
+    console.print(
+        f"written: {folder} ({analyses.EXPLAIN_FILE}, ranking, weights figures) in {report['wall_time_s']:.1f} s"
+    )
 
 
 def print_explain(report: dict) -> None:
@@ -338,16 +357,33 @@ def print_explain(report: dict) -> None:
     out = console if console.is_terminal else Console(width=200)
     rank, fams, sets = report["ranking"], report["families"], report["sets"]
     ood = [s for s in sets if s != "heldout"]
-    table = Table(title=f"{report.get('experiment', '')}: {report['seeds']} seed(s), {report['n_tasks']} tasks per set; "
-                        f"{rank['criterion']}")
-    for column in ("family", "params", "BIC - winner [95%]", "1-R^2", "model cos", "preds diff", "model diff",
-                   *[f"1-R^2 {s}" for s in ood], "loss"):
+    table = Table(
+        title=f"{report.get('experiment', '')}: {report['seeds']} seed(s), {report['n_tasks']} tasks per set; "
+        f"{rank['criterion']}"
+    )
+    for column in (
+        "family",
+        "params",
+        "BIC - winner [95%]",
+        "1-R^2",
+        "model cos",
+        "preds diff",
+        "model diff",
+        *[f"1-R^2 {s}" for s in ood],
+        "loss",
+    ):
         table.add_column(column)
     for name in rank["order"]:
         fam, held = fams[name], fams[name]["heldout"]
-        table.add_row(name, str(fam["n_params"]), _interval(rank["delta"][name]), _fmt(held["nmse"]["mean"]),
-                      *[_fmt(held[m]["mean"]) for m in ("model_cos", "preds_diff", "model_diff")],
-                      *[_fmt(fam[s]["nmse"]["mean"]) for s in ood], _fmt(held["loss"]["mean"]))
+        table.add_row(
+            name,
+            str(fam["n_params"]),
+            _interval(rank["delta"][name]),
+            _fmt(held["nmse"]["mean"]),
+            *[_fmt(held[m]["mean"]) for m in ("model_cos", "preds_diff", "model_diff")],
+            *[_fmt(fam[s]["nmse"]["mean"]) for s in ood],
+            _fmt(held["loss"]["mean"]),
+        )
     out.print(table)
     out.print(f"model loss on held-out tasks: {_fmt(report['model']['heldout']['loss']['mean'])}")
     if report["steps"] > 1:
@@ -359,8 +395,10 @@ def print_explain(report: dict) -> None:
             layers.add_row(name, *[_fmt(1 - v) for v in fams[name]["per_layer"]["r2"]])
         out.print(layers)
     for row in report["weights"]["per_seed"][0]:
-        out.print(f"weights layer {row['layer']} head {row['head']}: norm outside the GD blocks W_KQ "
-                  f"{row['kq_outside_gd']:.3g}, W_PV {row['pv_outside_gd']:.3g} (GD++ blocks {row['pv_outside_gdpp']:.3g}); "
-                  f"x-block of W_KQ off identity {row['kq_x_block_off_identity']:.3g}; "
-                  f"implied eta {row['implied_eta']:.4g}, gamma {row['implied_gamma']:.4g}")
+        out.print(
+            f"weights layer {row['layer']} head {row['head']}: norm outside the GD blocks W_KQ "
+            f"{row['kq_outside_gd']:.3g}, W_PV {row['pv_outside_gd']:.3g} (GD++ blocks {row['pv_outside_gdpp']:.3g}); "
+            f"x-block of W_KQ off identity {row['kq_x_block_off_identity']:.3g}; "
+            f"implied eta {row['implied_eta']:.4g}, gamma {row['implied_gamma']:.4g}"
+        )
     out.print(f"[bold]{report['verdict']}[/bold]")

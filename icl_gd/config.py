@@ -17,7 +17,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, cast
 
 import yaml
 from hydra import compose, initialize_config_dir
@@ -120,14 +120,14 @@ class ModelConfig:
     recurrent: bool = False
     heads: int = 1
     attention: Attention = Attention.linear
-    init_scale: Optional[float] = None  # None: 0.002 / layers, as the paper's code
+    init_scale: float | None = None  # None: 0.002 / layers, as the paper's code
     layernorm: bool = False
     mlp: bool = False
     mlp_width: int = 64
     input_mlp: bool = False
     input_mlp_width: int = 64
     input_mlp_features: int = 10
-    clip_activations: Optional[float] = None
+    clip_activations: float | None = None
     positional: bool = False
 
 
@@ -166,7 +166,7 @@ class EvalConfig:
 @dataclass
 class Config:
     name: str = "single_layer"
-    out: Optional[str] = None
+    out: str | None = None
     analyses: list[str] = field(default_factory=list)  # run after training, see icl_gd.analyses
     task: Any = MISSING  # one of TASK_SCHEMAS, chosen by the `task` group
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -223,8 +223,10 @@ def _check_override_keys(overrides: list[str]) -> None:
                 raise ConfigError(f"{key}: unknown field; allowed: {', '.join(top + list(GROUPS))}")
             continue
         if key == "task.kind":
-            raise ConfigError(f"task.kind: set by the task group; choose it with task=<kind>, "
-                              f"allowed: {', '.join(group_options('task'))}")
+            raise ConfigError(
+                f"task.kind: set by the task group; choose it with task=<kind>, "
+                f"allowed: {', '.join(group_options('task'))}"
+            )
         if parts[0] == "task":
             if task_fields is None:
                 chosen = [f"{o.key_or_group.lstrip('+~')}={o.value()}" for o in group_choices]
@@ -256,7 +258,7 @@ def _one_line(err: BaseException) -> str:
     """Condense a Hydra/OmegaConf error into `field: problem` (enum errors as `got X; allowed: a | b`)."""
     cause = err
     while cause.__cause__ is not None or cause.__context__ is not None:
-        nxt = cause.__cause__ or cause.__context__
+        nxt = cast(BaseException, cause.__cause__ or cause.__context__)  # one is set: the loop's condition
         if isinstance(nxt, OmegaConfBaseException):
             cause = nxt
             break
@@ -372,7 +374,7 @@ def from_yaml(text: str) -> DictConfig:
     """A config written by `to_yaml` (a run's `config.yaml`) on the current schemas: fields added
     since then take their defaults; raises ConfigError if it no longer fits them."""
     try:
-        raw = OmegaConf.create(text)
+        raw = cast(DictConfig, OmegaConf.create(text))  # a run's config.yaml: a mapping
         kind = str(raw.get("task", {}).get("kind", "linear"))
         if kind not in TASK_SCHEMAS:
             raise ConfigError(f"task.kind: got {kind!r}; allowed: {' | '.join(TASK_SCHEMAS)}")

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +58,9 @@ def evaluation_batch(task: tasks.TaskKind, cfg: DictConfig) -> tasks.Batch:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def evaluate_reference(task: tasks.TaskKind, ref: references.Reference, params, batch: tasks.Batch
-                       ) -> metrics.Evaluation:
+def evaluate_reference(
+    task: tasks.TaskKind, ref: references.Reference, params, batch: tasks.Batch
+) -> metrics.Evaluation:
     """A reference's readouts (and sensitivities) on `batch`, in a compiled program of its own
     (at most one batched LAPACK call per program, see `references.linalg`), reused for every run
     of the same task and shapes."""
@@ -95,7 +96,7 @@ class References:
         return {**out, **self.analytic}
 
 
-def compute_references(cfg: DictConfig, task: Optional[tasks.TaskKind] = None) -> References:
+def compute_references(cfg: DictConfig, task: tasks.TaskKind | None = None) -> References:
     """Fit the task's references in their order (each may use those before it), then evaluate
     them on the evaluation set (docs/science.md sections 4-6 and 8)."""
     task = task or tasks.from_config(cfg.task)
@@ -144,8 +145,15 @@ def interpolates(model_cfg, task: tasks.TaskKind) -> bool:
     """The interpolation with the GD construction needs one-head linear-attention stacks on the
     plain constructed tokens the construction is written for."""
     layout = task.layout
-    return (model_cfg.heads == 1 and model_cfg.attention.name == "linear" and not model_cfg.layernorm
-            and not model_cfg.mlp and not model_cfg.input_mlp and not model_cfg.positional and not layout.copy_layer)
+    return (
+        model_cfg.heads == 1
+        and model_cfg.attention.name == "linear"
+        and not model_cfg.layernorm
+        and not model_cfg.mlp
+        and not model_cfg.input_mlp
+        and not model_cfg.positional
+        and not layout.copy_layer
+    )
 
 
 def interpolate(weights: models.Weights, gd: models.Weights, input_dim: int) -> models.Weights:
@@ -165,7 +173,8 @@ def make_evaluator(model: models.Model, cfg: DictConfig, refs: References):
     with_interpolation = has_interpolation(task) and interpolates(cfg.model, task)
     gd_weights = None
     if with_interpolation:
-        gd_weights = references.gd_weights(refs.params[task.references[0]], layout.input_dim, task.n_context)
+        n_context = cast(tasks.Regression, task).n_context  # has_interpolation: a regression task
+        gd_weights = references.gd_weights(refs.params[task.references[0]], layout.input_dim, n_context)
 
     def evaluate(params, batch, ref_evals, gd_weights):
         weights = model.weights(params)
@@ -204,8 +213,13 @@ def metric_rows(step: int, evaluated: dict, refs: References, layers: int) -> li
         values.update(ref_losses)
         row = {"step": step, "seed": s, **{name: float(values[name][-1]) for name in finals}}
         if layers > 1:
-            row.update({f"layer{k + 1}_{name}": float(values[name][min(k, len(values[name]) - 1)])
-                        for k in range(layers) for name in per_layer})
+            row.update(
+                {
+                    f"layer{k + 1}_{name}": float(values[name][min(k, len(values[name]) - 1)])
+                    for k in range(layers)
+                    for name in per_layer
+                }
+            )
         rows.append(row)
     return rows
 
@@ -215,8 +229,9 @@ def per_layer_summary(rows: list[dict], task: tasks.TaskKind, layers: int) -> li
     names = [n for n in per_layer_metrics(task) if not n.startswith("preds_diff") or not task.sensitivities]
     if layers == 1:
         return [{name: metrics.mean_ci95([r[name] for r in rows]) for name in names}]
-    return [{name: metrics.mean_ci95([r[f"layer{k}_{name}"] for r in rows]) for name in names}
-            for k in range(1, layers + 1)]
+    return [
+        {name: metrics.mean_ci95([r[f"layer{k}_{name}"] for r in rows]) for name in names} for k in range(1, layers + 1)
+    ]
 
 
 def _version(package: str) -> str:
@@ -240,7 +255,7 @@ class _StopSignals:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.received: Optional[int] = None
+        self.received: int | None = None
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
@@ -282,8 +297,9 @@ def resume(run_dir: Path, quiet: bool = False) -> runs.Trained:
     return _run(cfg, task, run, summary, start=step, quiet=quiet)
 
 
-def _run(cfg: DictConfig, task: tasks.TaskKind, run: runs.RunDir, summary: dict, start: int,
-         quiet: bool) -> runs.Trained:
+def _run(
+    cfg: DictConfig, task: tasks.TaskKind, run: runs.RunDir, summary: dict, start: int, quiet: bool
+) -> runs.Trained:
     """The training loop shared by `train` and `resume`: chunks of `train.eval_every` steps, an
     evaluation after each (read once the next chunk is dispatched), checkpoints every
     `train.checkpoint_every` evaluations and at the end."""
@@ -301,7 +317,7 @@ def _run(cfg: DictConfig, task: tasks.TaskKind, run: runs.RunDir, summary: dict,
     run.truncate_metrics(start)  # rows past the checkpoint, from a run killed before it could save
     train_chunk = training.make_train_chunk(model, optimizer, task, int(tc.batch_size))
     evaluator = make_evaluator(model, cfg, refs)
-    wall = lambda: elapsed_before + time.time() - started  # noqa: E731
+    wall = lambda: elapsed_before + time.time() - started
 
     def fail(step: int, seed: int, reason: str):
         summary.update(status="failed", failure={"step": step, "seed": seed, "reason": reason}, wall_time_s=wall())
@@ -327,8 +343,10 @@ def _run(cfg: DictConfig, task: tasks.TaskKind, run: runs.RunDir, summary: dict,
     rows, last_eval = record(start, evaluator(params), None)
     pending, step = None, start  # the previous chunk's results, read only once the next chunk is dispatched
     chunks_done = 0
-    with _StopSignals() as stop, TrainProgress(int(tc.steps), enabled=bool(tc.progress) and not quiet,
-                                               start=start) as progress:
+    with (
+        _StopSignals() as stop,
+        TrainProgress(int(tc.steps), enabled=bool(tc.progress) and not quiet, start=start) as progress,
+    ):
         while step < tc.steps and stop.received is None:
             n = min(int(tc.eval_every), int(tc.steps) - step)
             params, opt_state, chunk_losses = train_chunk(params, opt_state, data_keys, step, n)
@@ -351,11 +369,18 @@ def _run(cfg: DictConfig, task: tasks.TaskKind, run: runs.RunDir, summary: dict,
         name = signal.Signals(stop.received).name
         summary.update(status="interrupted", interruption={"step": step, "signal": name}, wall_time_s=wall())
         run.write_summary(summary)
-        raise TrainingInterrupted(f"{name} at step {step}: run saved and marked interrupted in {run.path}; "
-                                  f"continue with `icl-gd train --resume {run.path}`", stop.received)
+        raise TrainingInterrupted(
+            f"{name} at step {step}: run saved and marked interrupted in {run.path}; "
+            f"continue with `icl-gd train --resume {run.path}`",
+            stop.received,
+        )
 
-    summary.update(status="completed", final=final_summary(rows, last_eval, task),
-                   per_layer=per_layer_summary(rows, task, layers), wall_time_s=wall())
+    summary.update(
+        status="completed",
+        final=final_summary(rows, last_eval, task),
+        per_layer=per_layer_summary(rows, task, layers),
+        wall_time_s=wall(),
+    )
     run.write_summary(summary)
     trained = runs.Trained(run.path, cfg, task, model, params, summary)
     plots.run_figures(runs.load_metrics(run.path), summary, run.path / "plots")

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from icl_gd import metrics, references, tasks as tasks_lib
+from icl_gd import metrics, references
+from icl_gd import tasks as tasks_lib
 from icl_gd.references.linalg import spd_solve
 from icl_gd.tasks import Tasks
 
@@ -109,62 +110,100 @@ def _chebyshev_starts(steps, dim, eta0, n):
 
 
 _GAMMAS = jnp.array([0.0, 0.25, 0.5])  # GD++ starting gammas, in units of eta0
-_STEP_SIZES = lambda eta0: jnp.asarray(MULTIPLES) * eta0  # noqa: E731
-_SCALAR = lambda k, d, e, n: _STEP_SIZES(e)[:, None]  # noqa: E731
+_STEP_SIZES = lambda eta0: jnp.asarray(MULTIPLES) * eta0
+_SCALAR = lambda k, d, e, n: _STEP_SIZES(e)[:, None]
 
 # name: (parameter count (K, d), predict (theta, x, y, xq, ridge spectrum, K, d, lam) -> y_hat_K,
 #        starts (K, d, eta0, N) -> [C, P], about)
 FAMILIES = {
-    "gd": (lambda k, d: 1,
-           lambda th, x, y, q, sp, k, d, lam: references.gd_direct(x, y, q, jnp.broadcast_to(th[0], (k,))),
-           _SCALAR, "K GD steps, one shared eta (docs/science.md section 4)"),
-    "gd_per_step": (lambda k, d: k,
-                    lambda th, x, y, q, sp, k, d, lam: references.gd_direct(x, y, q, th),
-                    lambda k, d, e, n: jnp.repeat(_STEP_SIZES(e)[:, None], k, 1), "K GD steps, one eta per step"),
-    "gdpp": (lambda k, d: 2,
-             lambda th, x, y, q, sp, k, d, lam: references.gdpp_direct(
-                 x, y, q, jnp.broadcast_to(th[0], (k,)), jnp.broadcast_to(th[1], (k,))),
-             lambda k, d, e, n: _pairs(_STEP_SIZES(e), _GAMMAS * e), "GD++, (eta, gamma) shared (docs/science.md section 4)"),
-    "gdpp_per_step": (lambda k, d: 2 * k,
-                      lambda th, x, y, q, sp, k, d, lam: references.gdpp_direct(x, y, q, th[:k], th[k:]),
-                      lambda k, d, e, n: jnp.repeat(_pairs(_STEP_SIZES(e), _GAMMAS * e), k, 1),
-                      "GD++, (eta_k, gamma_k) per step"),
-    "precond_diag": (lambda k, d: d,
-                     lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, jnp.broadcast_to(jnp.diag(th), (k, d, d))),
-                     lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.ones(d),
-                     "GD with a diagonal preconditioner shared by the steps"),
-    "precond_diag_per_step": (lambda k, d: d * k,
-                              lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, jax.vmap(jnp.diag)(th.reshape(k, d))),
-                              lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.ones(d * k),
-                              "GD with a diagonal preconditioner per step"),
-    "precond_full": (lambda k, d: d * d,
-                     lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, jnp.broadcast_to(th.reshape(d, d), (k, d, d))),
-                     lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.eye(d).ravel(),
-                     "GD with a full preconditioner shared by the steps"),
-    "precond_full_per_step": (lambda k, d: d * d * k,
-                              lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, th.reshape(k, d, d)),
-                              lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.tile(jnp.eye(d).ravel(), k),
-                              "GD with a full preconditioner per step"),
-    "richardson": (lambda k, d: 2,
-                   lambda th, x, y, q, sp, k, d, lam: richardson(x, y, q, th[0], th[1], k),
-                   lambda k, d, e, n: _pairs(_STEP_SIZES(e), jnp.array([0.0, 0.01, 0.1]) / e),
-                   "Richardson on the ridge normal equations = truncated Neumann series, (alpha, lambda)"),
-    "chebyshev": (lambda k, d: 2,
-                  lambda th, x, y, q, sp, k, d, lam: chebyshev(x, y, q, th[0], th[1], k),
-                  _chebyshev_starts, "Chebyshev iteration, spectrum of A assumed in center -+ half width"),
-    "newton_schulz": (lambda k, d: 1,
-                      lambda th, x, y, q, sp, k, d, lam: newton_schulz(x, y, q, th[0], k),
-                      _SCALAR, "Newton-Schulz iteration for A^-1 from alpha I (2^k Neumann terms at step k)"),
-    "ridge": (lambda k, d: 1,
-              lambda th, x, y, q, sp, k, d, lam: jnp.broadcast_to(references.ridge_from_spectrum(sp, q, jnp.exp(th[0])), (k,)),
-              lambda k, d, e, n: jnp.log(jnp.logspace(-4, 2, 13) * n / e)[:, None],
-              "ridge regression on the context, fitted lambda (theta = log lambda)"),
-    "ols": (lambda k, d: 0,
-            lambda th, x, y, q, sp, k, d, lam: jnp.broadcast_to(references.ridge_from_spectrum(sp, q), (k,)),
-            lambda k, d, e, n: jnp.zeros((1, 0)), "least squares on the context (minimum norm)"),
-    "bayes": (lambda k, d: 0,
-              lambda th, x, y, q, sp, k, d, lam: jnp.broadcast_to(references.ridge_from_spectrum(sp, q, lam), (k,)),
-              lambda k, d, e, n: jnp.zeros((1, 0)), "Bayes-optimal: ridge with lambda = noise^2 / w_std^2"),
+    "gd": (
+        lambda k, d: 1,
+        lambda th, x, y, q, sp, k, d, lam: references.gd_direct(x, y, q, jnp.broadcast_to(th[0], (k,))),
+        _SCALAR,
+        "K GD steps, one shared eta (docs/science.md section 4)",
+    ),
+    "gd_per_step": (
+        lambda k, d: k,
+        lambda th, x, y, q, sp, k, d, lam: references.gd_direct(x, y, q, th),
+        lambda k, d, e, n: jnp.repeat(_STEP_SIZES(e)[:, None], k, 1),
+        "K GD steps, one eta per step",
+    ),
+    "gdpp": (
+        lambda k, d: 2,
+        lambda th, x, y, q, sp, k, d, lam: references.gdpp_direct(
+            x, y, q, jnp.broadcast_to(th[0], (k,)), jnp.broadcast_to(th[1], (k,))
+        ),
+        lambda k, d, e, n: _pairs(_STEP_SIZES(e), _GAMMAS * e),
+        "GD++, (eta, gamma) shared (docs/science.md section 4)",
+    ),
+    "gdpp_per_step": (
+        lambda k, d: 2 * k,
+        lambda th, x, y, q, sp, k, d, lam: references.gdpp_direct(x, y, q, th[:k], th[k:]),
+        lambda k, d, e, n: jnp.repeat(_pairs(_STEP_SIZES(e), _GAMMAS * e), k, 1),
+        "GD++, (eta_k, gamma_k) per step",
+    ),
+    "precond_diag": (
+        lambda k, d: d,
+        lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, jnp.broadcast_to(jnp.diag(th), (k, d, d))),
+        lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.ones(d),
+        "GD with a diagonal preconditioner shared by the steps",
+    ),
+    "precond_diag_per_step": (
+        lambda k, d: d * k,
+        lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, jax.vmap(jnp.diag)(th.reshape(k, d))),
+        lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.ones(d * k),
+        "GD with a diagonal preconditioner per step",
+    ),
+    "precond_full": (
+        lambda k, d: d * d,
+        lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, jnp.broadcast_to(th.reshape(d, d), (k, d, d))),
+        lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.eye(d).ravel(),
+        "GD with a full preconditioner shared by the steps",
+    ),
+    "precond_full_per_step": (
+        lambda k, d: d * d * k,
+        lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, th.reshape(k, d, d)),
+        lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.tile(jnp.eye(d).ravel(), k),
+        "GD with a full preconditioner per step",
+    ),
+    "richardson": (
+        lambda k, d: 2,
+        lambda th, x, y, q, sp, k, d, lam: richardson(x, y, q, th[0], th[1], k),
+        lambda k, d, e, n: _pairs(_STEP_SIZES(e), jnp.array([0.0, 0.01, 0.1]) / e),
+        "Richardson on the ridge normal equations = truncated Neumann series, (alpha, lambda)",
+    ),
+    "chebyshev": (
+        lambda k, d: 2,
+        lambda th, x, y, q, sp, k, d, lam: chebyshev(x, y, q, th[0], th[1], k),
+        _chebyshev_starts,
+        "Chebyshev iteration, spectrum of A assumed in center -+ half width",
+    ),
+    "newton_schulz": (
+        lambda k, d: 1,
+        lambda th, x, y, q, sp, k, d, lam: newton_schulz(x, y, q, th[0], k),
+        _SCALAR,
+        "Newton-Schulz iteration for A^-1 from alpha I (2^k Neumann terms at step k)",
+    ),
+    "ridge": (
+        lambda k, d: 1,
+        lambda th, x, y, q, sp, k, d, lam: jnp.broadcast_to(
+            references.ridge_from_spectrum(sp, q, jnp.exp(th[0])), (k,)
+        ),
+        lambda k, d, e, n: jnp.log(jnp.logspace(-4, 2, 13) * n / e)[:, None],
+        "ridge regression on the context, fitted lambda (theta = log lambda)",
+    ),
+    "ols": (
+        lambda k, d: 0,
+        lambda th, x, y, q, sp, k, d, lam: jnp.broadcast_to(references.ridge_from_spectrum(sp, q), (k,)),
+        lambda k, d, e, n: jnp.zeros((1, 0)),
+        "least squares on the context (minimum norm)",
+    ),
+    "bayes": (
+        lambda k, d: 0,
+        lambda th, x, y, q, sp, k, d, lam: jnp.broadcast_to(references.ridge_from_spectrum(sp, q, lam), (k,)),
+        lambda k, d, e, n: jnp.zeros((1, 0)),
+        "Bayes-optimal: ridge with lambda = noise^2 / w_std^2",
+    ),
 }
 
 
@@ -217,8 +256,9 @@ def families(dim: int, steps: int, noise_std: float = 0.0, w_std: float = 1.0) -
     return [Family(name, steps, dim, lam) for name in FAMILIES if name not in omitted], omitted
 
 
-def levenberg_marquardt(residual: Callable[[jax.Array], jax.Array], theta0_P: jax.Array, n_tasks: int,
-                        iters: int) -> jax.Array:
+def levenberg_marquardt(
+    residual: Callable[[jax.Array], jax.Array], theta0_P: jax.Array, n_tasks: int, iters: int
+) -> jax.Array:
     """Minimise `sum(residual(theta)^2)` (`residual: [P] -> [n_tasks]`) by damped Gauss-Newton,
     compiled as one scan of `iters` steps: a step is kept only if it lowers the cost (the damping
     then shrinks), else the damping grows (Marquardt's scaling by `diag(J^T J)`). Frozen once a
@@ -238,20 +278,33 @@ def levenberg_marquardt(residual: Callable[[jax.Array], jax.Array], theta0_P: ja
         r_new, jvp = jax.linearize(residual, candidate)
         new_value = jnp.where(jnp.all(jnp.isfinite(r_new)), r_new @ r_new, jnp.inf)
         better = (new_value < value) & ~done
-        keep = lambda new, old: jnp.where(better, new, old)  # noqa: E731
+        keep = lambda new, old: jnp.where(better, new, old)
         converged = better & jnp.isfinite(value) & (value - new_value <= 1e-7 * value)
         damping = jnp.where(done, damping, jnp.where(better | ~jnp.isfinite(value), damping * 0.3, damping * 4.0))
-        return (keep(candidate, theta), keep(r_new, r), keep(jax.vmap(jvp, out_axes=1)(eye), jac_TxP),
-                keep(new_value, value), damping, done | converged | (damping >= 1e10)), None
+        return (
+            keep(candidate, theta),
+            keep(r_new, r),
+            keep(jax.vmap(jvp, out_axes=1)(eye), jac_TxP),
+            keep(new_value, value),
+            damping,
+            done | converged | (damping >= 1e10),
+        ), None
 
     zeros = jnp.zeros((n_tasks,), theta0_P.dtype)
-    init = (theta0_P, zeros, jnp.zeros((n_tasks, n_params), theta0_P.dtype), jnp.asarray(jnp.inf, theta0_P.dtype),
-            jnp.asarray(1e-3 / 0.3, theta0_P.dtype), jnp.asarray(False))
+    init = (
+        theta0_P,
+        zeros,
+        jnp.zeros((n_tasks, n_params), theta0_P.dtype),
+        jnp.asarray(jnp.inf, theta0_P.dtype),
+        jnp.asarray(1e-3 / 0.3, theta0_P.dtype),
+        jnp.asarray(False),
+    )
     return jax.lax.scan(step, init, None, length=iters + 1)[0][0]
 
 
-def fit(family: Family, t: Tasks, spec: references.RidgeSpectrum, target_T: jax.Array, eta0: jax.Array,
-        iters: int) -> jax.Array:
+def fit(
+    family: Family, t: Tasks, spec: references.RidgeSpectrum, target_T: jax.Array, eta0: jax.Array, iters: int
+) -> jax.Array:
     """Parameters of `family` whose final readout best matches `target_T` (the model's) on `t`
     (`spec`: the tasks' ridge spectra), from the best of the family's starting points."""
     starts = family.starts(eta0, t.x.shape[1])
@@ -304,19 +357,26 @@ _spectra = jax.jit(jax.vmap(jax.vmap(references.ridge_spectrum)))
 
 
 @functools.partial(jax.jit, static_argnames=("fams", "iters"))
-def _fit_and_score(sets: Tasks, spectra: references.RidgeSpectrum, model_ev: metrics.Evaluation, eta0: jax.Array, *,
-                   fams: tuple[Family, ...], iters: int) -> dict:
+def _fit_and_score(
+    sets: Tasks,
+    spectra: references.RidgeSpectrum,
+    model_ev: metrics.Evaluation,
+    eta0: jax.Array,
+    *,
+    fams: tuple[Family, ...],
+    iters: int,
+) -> dict:
     """Every family and seed: fit the family to the model's final readout on the first of the
     stacked `sets`, then its agreement with the model on the others. One program for all
     families (compiling them apart takes twice as long), cached across calls with the same
     families and shapes; it holds no LAPACK call (see `spd_solve`)."""
-    head = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)  # noqa: E731
-    rest = lambda tree: jax.tree_util.tree_map(lambda a: a[1:], tree)  # noqa: E731
+    head = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
+    rest = lambda tree: jax.tree_util.tree_map(lambda a: a[1:], tree)
 
     def one_seed(family, model_ev):
         theta = fit(family, head(sets), head(spectra), model_ev.preds[0, :, -1, 0, 0], eta0, iters)
         predict = functools.partial(family.predict, theta)
-        score = lambda t, spec, ev: agreement(ev, metrics.evaluate_tasks(predict, t, spec), t.yq)  # noqa: E731
+        score = lambda t, spec, ev: agreement(ev, metrics.evaluate_tasks(predict, t, spec), t.yq)
         return {"theta": theta, "scores": jax.vmap(score)(rest(sets), rest(spectra), rest(model_ev))}
 
     return {f.name: jax.vmap(functools.partial(one_seed, f))(model_ev) for f in fams}
@@ -336,7 +396,7 @@ def fit_and_score(model_fn: ModelFn, fams: list[Family], params_S, sets: dict[st
 
     @jax.jit
     def evaluate_model(params_S, t):
-        evaluate = lambda p, t: metrics.evaluate_tasks(functools.partial(model_fn, p), t)  # noqa: E731
+        evaluate = lambda p, t: metrics.evaluate_tasks(functools.partial(model_fn, p), t)
         return jax.vmap(jax.vmap(evaluate, in_axes=(None, 0)), in_axes=(0, None))(params_S, t)
 
     model_ev = evaluate_model(params_S, stacked)
@@ -374,7 +434,8 @@ def off_identity(m_Bxdxd: np.ndarray) -> np.ndarray:
     m = np.asarray(m_Bxdxd, np.float64)
     scale = np.trace(m, axis1=-2, axis2=-1) / m.shape[-1]
     return np.linalg.norm(m - scale[:, None, None] * np.eye(m.shape[-1]), axis=(-2, -1)) / np.maximum(
-        np.linalg.norm(m, axis=(-2, -1)), 1e-30)
+        np.linalg.norm(m, axis=(-2, -1)), 1e-30
+    )
 
 
 def weight_structure(w_kq: np.ndarray, w_pv: np.ndarray, n_context: int) -> list[dict]:
@@ -397,20 +458,24 @@ def weight_structure(w_kq: np.ndarray, w_pv: np.ndarray, n_context: int) -> list
         for head in range(w_kq.shape[1]):
             kq, pv = w_kq[layer, head], w_pv[layer, head]
             kq_diag = float(np.mean(np.diag(kq)[:dim]))
-            rows.append({
-                "layer": layer, "head": head,
-                "kq_outside_gd": outside(kq, xx),
-                "pv_outside_gd": outside(pv, yy),
-                "pv_outside_gdpp": outside(pv, xx | yy),
-                "kq_x_block_off_identity": float(off_identity(kq[None, :dim, :dim])[0]),
-                "implied_eta": -n_context * pv[dim, dim] * kq_diag,
-                "implied_gamma": -n_context * float(np.mean(np.diag(pv)[:dim])) * kq_diag,
-            })
+            rows.append(
+                {
+                    "layer": layer,
+                    "head": head,
+                    "kq_outside_gd": outside(kq, xx),
+                    "pv_outside_gd": outside(pv, yy),
+                    "pv_outside_gdpp": outside(pv, xx | yy),
+                    "kq_x_block_off_identity": float(off_identity(kq[None, :dim, :dim])[0]),
+                    "implied_eta": -n_context * pv[dim, dim] * kq_diag,
+                    "implied_gamma": -n_context * float(np.mean(np.diag(pv)[:dim])) * kq_diag,
+                }
+            )
     return rows
 
 
-def explain(model_fn: ModelFn, params_S, task, key: jax.Array, *, steps: int, n_tasks: int = 2048,
-            iters: int = 50) -> dict:
+def explain(
+    model_fn: ModelFn, params_S, task, key: jax.Array, *, steps: int, n_tasks: int = 2048, iters: int = 50
+) -> dict:
     """The whole test for a model given as `model_fn(params, x, y, xq) -> y_hat_K` with a leading
     seed axis on `params_S`: families fitted, scored, ranked; JSON-ready (means and 95% intervals
     across seeds, final readout unless `per_layer`)."""
@@ -430,20 +495,25 @@ def explain(model_fn: ModelFn, params_S, task, key: jax.Array, *, steps: int, n_
         entry.update({s: {m: metrics.mean_ci95(v[:, i, -1]) for m, v in scores.items()} for i, s in enumerate(scoring)})
         entry["per_layer"] = {m: scores[m][:, held].mean(0).tolist() for m in ("r2", "model_cos", "preds_diff")}
         if f.name.startswith("precond_full"):
-            entry["off_identity"] = metrics.mean_ci95(off_identity(np.asarray(r["theta"]).reshape(-1, f.dim, f.dim))
-                                                      .reshape(len(r["theta"]), -1).mean(1))
+            entry["off_identity"] = metrics.mean_ci95(
+                off_identity(np.asarray(r["theta"]).reshape(-1, f.dim, f.dim)).reshape(len(r["theta"]), -1).mean(1)
+            )
         report[f.name] = entry
     best = report[rank["winner"]][HELDOUT]
     r2, cos = best["r2"]["mean"], best["model_cos"]["mean"]
     explains = bool(r2 >= EXPLAINS_R2 and cos >= EXPLAINS_R2)
     margin = rank["margin"]
     if explains:
-        verdict = (f"{rank['winner']} ({report[rank['winner']]['n_params']} parameter(s)) explains the model best: "
-                   f"held-out R^2 {r2:.4f}, model cos {cos:.4f}; BIC margin {margin['mean']:.1f} over "
-                   f"{rank['runner_up']}, lowest in {rank['wins']}/{rank['seeds']} seed(s)")
+        verdict = (
+            f"{rank['winner']} ({report[rank['winner']]['n_params']} parameter(s)) explains the model best: "
+            f"held-out R^2 {r2:.4f}, model cos {cos:.4f}; BIC margin {margin['mean']:.1f} over "
+            f"{rank['runner_up']}, lowest in {rank['wins']}/{rank['seeds']} seed(s)"
+        )
     else:
-        verdict = (f"no family explains the model: the best, {rank['winner']}, reaches held-out R^2 {r2:.4f} and "
-                   f"model cos {cos:.4f} (both must reach {EXPLAINS_R2})")
+        verdict = (
+            f"no family explains the model: the best, {rank['winner']}, reaches held-out R^2 {r2:.4f} and "
+            f"model cos {cos:.4f} (both must reach {EXPLAINS_R2})"
+        )
     return {
         "steps": steps,
         "n_tasks": n_tasks,

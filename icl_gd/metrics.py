@@ -9,7 +9,8 @@ values average over positions too (`by_position=False`).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ class Evaluation(NamedTuple):
     """A model's predictions `[B, K, P, O]` and, when computed, sensitivities `[B, K, P, O, d]`."""
 
     preds: jax.Array
-    sens: Optional[jax.Array] = None
+    sens: jax.Array | None = None
 
 
 def evaluate(predict: Predictor, queries_BxPxd: jax.Array, *per_task, sensitivities: bool = True) -> Evaluation:
@@ -84,8 +85,10 @@ def alignment(a: Evaluation, b: Evaluation, by_position: bool = False) -> dict[s
         norms = jnp.linalg.norm(sa, axis=-1) * jnp.linalg.norm(sb, axis=-1)
         out["model_cos"] = jnp.mean(dot / jnp.maximum(norms, 1e-12), axis=0)
         out["model_diff"] = jnp.mean(jnp.linalg.norm(sa - sb, axis=-1), axis=0)
-    return {name: _by(jnp.broadcast_to(v, (max(a.preds.shape[1], b.preds.shape[1]), v.shape[-1])), by_position)
-            for name, v in out.items()}
+    return {
+        name: _by(jnp.broadcast_to(v, (max(a.preds.shape[1], b.preds.shape[1]), v.shape[-1])), by_position)
+        for name, v in out.items()
+    }
 
 
 def mean_ci95(values) -> dict:

@@ -12,8 +12,9 @@ and head, plus optional LayerNorm, MLP, input-MLP and copy-layer parameters. A `
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -50,17 +51,17 @@ class Layers(NamedTuple):
     """Layer weights stacked on a leading axis of length `K` (separate weights) or 1 (tied)."""
 
     attn: Attention
-    ln_attn: Optional[LayerNorm] = None
-    ln_mlp: Optional[LayerNorm] = None
-    mlp: Optional[MLP] = None
+    ln_attn: LayerNorm | None = None
+    ln_mlp: LayerNorm | None = None
+    mlp: MLP | None = None
 
 
 class Weights(NamedTuple):
     """Everything `forward` reads besides the architecture."""
 
     layers: Layers
-    embed: Optional[MLP] = None  # the input MLP, on the query slot of input tokens
-    copy: Optional[Attention] = None  # classic tokens: a causal softmax layer first, `[H, D, D]`
+    embed: MLP | None = None  # the input MLP, on the query slot of input tokens
+    copy: Attention | None = None  # classic tokens: a causal softmax layer first, `[H, D, D]`
 
 
 def lsa(w_kq: jax.Array, w_pv: jax.Array) -> Weights:
@@ -75,15 +76,20 @@ class Architecture:
     layout: Layout
     layers: int = 1
     attention: str = "linear"
-    clip_activations: Optional[float] = None
+    clip_activations: float | None = None
     input_mlp: bool = False
     positional: bool = False
 
     @classmethod
     def from_config(cls, model_cfg, layout: Layout) -> Architecture:
-        return cls(layout=layout, layers=int(model_cfg.layers), attention=model_cfg.attention.name,
-                   clip_activations=model_cfg.clip_activations, input_mlp=bool(model_cfg.input_mlp),
-                   positional=bool(model_cfg.positional))
+        return cls(
+            layout=layout,
+            layers=int(model_cfg.layers),
+            attention=model_cfg.attention.name,
+            clip_activations=model_cfg.clip_activations,
+            input_mlp=bool(model_cfg.input_mlp),
+            positional=bool(model_cfg.positional),
+        )
 
     def deeper(self, layers: int) -> Architecture:
         return dataclasses.replace(self, layers=layers)
@@ -157,8 +163,8 @@ def forward(arch: Architecture, weights: Weights, tokens_TxD: jax.Array) -> jax.
     if n_sets not in (1, arch.layers):
         raise ValueError(f"model.layers: got {arch.layers} layers for {n_sets} weight sets; allowed: 1 or {n_sets}")
     start = arch.readout(weights)
-    read = lambda t: layout.readout_sign * t[:, start:start + layout.output_dim]  # noqa: E731
-    at = lambda i: jax.tree_util.tree_map(lambda a: a[i], weights.layers)  # noqa: E731
+    read = lambda t: layout.readout_sign * t[:, start : start + layout.output_dim]
+    at = lambda i: jax.tree_util.tree_map(lambda a: a[i], weights.layers)
 
     tokens_TxD = embed(arch, weights, tokens_TxD)
     if weights.copy is not None:
@@ -179,8 +185,9 @@ def predict_batch(arch: Architecture, weights: Weights, tokens_BxTxD: jax.Array)
     return jax.vmap(forward, in_axes=(None, None, 0))(arch, weights, tokens_BxTxD)
 
 
-def regression_readout(arch: Architecture, weights: Weights, task: Regression, x_Nxd: jax.Array, y_N: jax.Array,
-                       xq_d: jax.Array) -> jax.Array:
+def regression_readout(
+    arch: Architecture, weights: Weights, task: Regression, x_Nxd: jax.Array, y_N: jax.Array, xq_d: jax.Array
+) -> jax.Array:
     """A regression task's prediction after each layer, `[K]`: `forward` on the task's tokens."""
     return forward(arch, weights, task.tokenize(x_Nxd, y_N, xq_d))[:, 0, 0]
 
@@ -217,40 +224,65 @@ class Transformer(nnx.Module):
         self.w_p = nnx.Param(init_p(rngs.params(), (n, heads, dim, dim)))
         # Optional parts are None when absent (in this order: the random streams of earlier versions).
         self.copy_q, self.copy_k, self.copy_v, self.copy_p = (
-            (nnx.Param(init(rngs.params(), (1, heads, dim, dim))[0]), nnx.Param(init(rngs.params(), (1, heads, dim, dim))[0]),
-             nnx.Param(init(rngs.params(), (1, heads, dim, dim))[0]), nnx.Param(init_p(rngs.params(), (1, heads, dim, dim))[0]))
-            if layout.copy_layer else (None,) * 4)
+            (
+                nnx.Param(init(rngs.params(), (1, heads, dim, dim))[0]),
+                nnx.Param(init(rngs.params(), (1, heads, dim, dim))[0]),
+                nnx.Param(init(rngs.params(), (1, heads, dim, dim))[0]),
+                nnx.Param(init_p(rngs.params(), (1, heads, dim, dim))[0]),
+            )
+            if layout.copy_layer
+            else (None,) * 4
+        )
         dense = jax.nn.initializers.variance_scaling(init_scale, "fan_in", "truncated_normal")
         ln, ln_mlp = bool(model_cfg.layernorm), bool(model_cfg.layernorm and model_cfg.mlp)
-        self.ln_attn_scale, self.ln_attn_bias = (nnx.Param(jnp.ones((n, dim))), nnx.Param(jnp.zeros((n, dim)))) if ln \
-            else (None, None)
-        self.ln_mlp_scale, self.ln_mlp_bias = (nnx.Param(jnp.ones((n, dim))), nnx.Param(jnp.zeros((n, dim)))) if ln_mlp \
-            else (None, None)
+        self.ln_attn_scale, self.ln_attn_bias = (
+            (nnx.Param(jnp.ones((n, dim))), nnx.Param(jnp.zeros((n, dim)))) if ln else (None, None)
+        )
+        self.ln_mlp_scale, self.ln_mlp_bias = (
+            (nnx.Param(jnp.ones((n, dim))), nnx.Param(jnp.zeros((n, dim)))) if ln_mlp else (None, None)
+        )
         width = int(model_cfg.mlp_width)
         self.mlp_w1, self.mlp_b1, self.mlp_w2, self.mlp_b2 = (
-            (nnx.Param(jax.vmap(lambda k: dense(k, (dim, width)))(jax.random.split(rngs.params(), n))),
-             nnx.Param(jnp.zeros((n, width))),
-             nnx.Param(jax.vmap(lambda k: dense(k, (width, dim)))(jax.random.split(rngs.params(), n))),
-             nnx.Param(jnp.zeros((n, dim))))
-            if model_cfg.mlp else (None,) * 4)
+            (
+                nnx.Param(jax.vmap(lambda k: dense(k, (dim, width)))(jax.random.split(rngs.params(), n))),
+                nnx.Param(jnp.zeros((n, width))),
+                nnx.Param(jax.vmap(lambda k: dense(k, (width, dim)))(jax.random.split(rngs.params(), n))),
+                nnx.Param(jnp.zeros((n, dim))),
+            )
+            if model_cfg.mlp
+            else (None,) * 4
+        )
         embed_width, he = int(model_cfg.input_mlp_width), jax.nn.initializers.he_normal()
         self.embed_w1, self.embed_b1, self.embed_w2, self.embed_b2 = (
-            (nnx.Param(he(rngs.params(), (layout.input_dim, embed_width))), nnx.Param(jnp.zeros((embed_width,))),
-             nnx.Param(he(rngs.params(), (embed_width, features))), nnx.Param(jnp.zeros((features,))))
-            if model_cfg.input_mlp else (None,) * 4)
+            (
+                nnx.Param(he(rngs.params(), (layout.input_dim, embed_width))),
+                nnx.Param(jnp.zeros((embed_width,))),
+                nnx.Param(he(rngs.params(), (embed_width, features))),
+                nnx.Param(jnp.zeros((features,))),
+            )
+            if model_cfg.input_mlp
+            else (None,) * 4
+        )
 
     def weights(self) -> Weights:
         """The explicit `Weights`: attention as products per layer and head, and the rest."""
-        value = lambda p: None if p is None else p[...]  # noqa: E731
-        pair = lambda a, b: None if a is None else LayerNorm(value(a), value(b))  # noqa: E731
-        four = lambda *ps: None if ps[0] is None else MLP(*map(value, ps))  # noqa: E731
+        # Optional parts are set or None together (`__init__`): the first of a group decides.
+        pair = lambda a, b: None if a is None else LayerNorm(a[...], b[...])
+        four = lambda *ps: None if ps[0] is None else MLP(*(p[...] for p in ps))
         copy = None
         if self.copy_q is not None:
-            copy = Attention(jnp.einsum("hkd,hke->hde", self.copy_k[...], self.copy_q[...]),
-                             jnp.einsum("hdk,hke->hde", self.copy_p[...], self.copy_v[...]))
+            copy_k, copy_v, copy_p = cast(
+                tuple[nnx.Param, nnx.Param, nnx.Param], (self.copy_k, self.copy_v, self.copy_p)
+            )
+            copy = Attention(
+                jnp.einsum("hkd,hke->hde", copy_k[...], self.copy_q[...]),
+                jnp.einsum("hdk,hke->hde", copy_p[...], copy_v[...]),
+            )
         layers = Layers(
-            attn=Attention(jnp.einsum("lhkd,lhke->lhde", self.w_k[...], self.w_q[...]),
-                           jnp.einsum("lhdk,lhke->lhde", self.w_p[...], self.w_v[...])),
+            attn=Attention(
+                jnp.einsum("lhkd,lhke->lhde", self.w_k[...], self.w_q[...]),
+                jnp.einsum("lhdk,lhke->lhde", self.w_p[...], self.w_v[...]),
+            ),
             ln_attn=pair(self.ln_attn_scale, self.ln_attn_bias),
             ln_mlp=pair(self.ln_mlp_scale, self.ln_mlp_bias),
             mlp=four(self.mlp_w1, self.mlp_b1, self.mlp_w2, self.mlp_b2),
@@ -280,7 +312,7 @@ class Model(NamedTuple):
         return nnx.merge(self.graphdef, params)
 
 
-def build(model_cfg, layout: Layout, scale: Optional[float] = None) -> Model:
+def build(model_cfg, layout: Layout, scale: float | None = None) -> Model:
     """The model a config describes for a task layout (`scale` overrides the init scale)."""
     scale = init_scale(model_cfg) if scale is None else scale
 

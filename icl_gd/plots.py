@@ -5,14 +5,15 @@ per-layer agreement)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import scipy.stats  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import scipy.stats
 
 PANELS = (
     ("loss", "loss", "log"),
@@ -25,7 +26,7 @@ PANELS = (
 def band(df: pd.DataFrame, column: str) -> pd.DataFrame:
     """Mean over seeds and its Student-t 95% interval, per step."""
     grouped = df.groupby("step")[column]
-    mean, std, count = grouped.mean(), grouped.std(ddof=1), grouped.count()
+    mean, std, count = cast(pd.Series, grouped.mean()), grouped.std(ddof=1), grouped.count()
     half = scipy.stats.t.ppf(0.975, np.maximum(count - 1, 1)) * std.fillna(0.0) / np.sqrt(count)
     return pd.DataFrame({"mean": mean, "lo": mean - half, "hi": mean + half})
 
@@ -35,7 +36,7 @@ def _plot_band(ax, df: pd.DataFrame, column: str, label: str, color=None, linest
     b = band(df, column)
     (line,) = ax.plot(b.index, b["mean"], label=label, color=color, linestyle=linestyle)
     ax.fill_between(b.index, b["lo"], b["hi"], color=line.get_color(), alpha=0.2, linewidth=0)
-    if seeds and df["seed"].nunique() > 1:
+    if seeds and cast(pd.Series, df["seed"]).nunique() > 1:
         for _, per_seed in df.groupby("seed"):
             ax.plot(per_seed["step"], per_seed[column], color=line.get_color(), linewidth=0.6, alpha=0.35)
     return line
@@ -74,18 +75,30 @@ def training_curves(df: pd.DataFrame, summary: dict, stem: Path) -> list[Path]:
     for i, ref in enumerate(refs):
         entry = summary["references"][ref]
         steps = f", {entry['steps']} step(s)" if "steps" in entry else ""
-        axes[0].axhline(entry["loss"], color=f"C{i + 1}", linestyle=REFERENCE_STYLES[i % 4],
-                        label=f"{ref}{steps}: {entry['loss']:.4g}")
-    if "interpolated_loss" in df and df["interpolated_loss"].notna().any():
+        axes[0].axhline(
+            entry["loss"],
+            color=f"C{i + 1}",
+            linestyle=REFERENCE_STYLES[i % 4],
+            label=f"{ref}{steps}: {entry['loss']:.4g}",
+        )
+    if "interpolated_loss" in df and cast(pd.Series, df["interpolated_loss"]).notna().any():
         _plot_band(axes[0], df, "interpolated_loss", "interpolated", linestyle=":")
     # Keep the model in view: the interpolated model explodes while W_KQ's diagonal is near 0, and a
     # reference may be exact (OLS on noiseless tasks), far below it (its loss is in the legend).
     axes[0].set_yscale("log")
-    axes[0].set_ylim(0.5 * float(df["loss"].min()), 1.5 * float(df["loss"].max()))
-    for ax, (column, title, scale) in zip(axes[1:], panels[1:], strict=True):
+    loss = cast(pd.Series, df["loss"])
+    axes[0].set_ylim(0.5 * float(loss.min()), 1.5 * float(loss.max()))
+    for ax, (column, title, _scale) in zip(axes[1:], panels[1:], strict=True):
         for i, ref in enumerate(refs):
-            _plot_band(ax, df, _column(column, ref, primary), f"to {ref}", color=f"C{i + 1}",
-                       linestyle=REFERENCE_STYLES[i % 4], seeds=ref == primary)
+            _plot_band(
+                ax,
+                df,
+                _column(column, ref, primary),
+                f"to {ref}",
+                color=f"C{i + 1}",
+                linestyle=REFERENCE_STYLES[i % 4],
+                seeds=ref == primary,
+            )
         ax.set_title(title.replace("to GD", "to each reference"))
         ax.legend(fontsize=7)
     if "model_cos" in df:
@@ -110,11 +123,11 @@ def per_layer(df: pd.DataFrame, summary: dict, stem: Path) -> list[Path]:
     tracked = tracked_references(df, summary)
     stepwise = [r for r in tracked if f"{r}_loss" in layers[0]]
     align = "model_cos" if "model_cos" in layers[0] else "preds_diff"
-    mean = lambda name: np.array([layer[name]["mean"] for layer in layers])  # noqa: E731
+    mean = lambda name: np.array([layer[name]["mean"] for layer in layers])
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     axes[0].plot(ks, mean("loss"), "o-", label="trained model")
     for i, ref in enumerate(tracked):
-        style = dict(color=f"C{i + 1}", linestyle=REFERENCE_STYLES[(i + 1) % 4])
+        style = {"color": f"C{i + 1}", "linestyle": REFERENCE_STYLES[(i + 1) % 4]}
         if ref in stepwise:
             axes[0].plot(ks, mean(f"{ref}_loss"), marker="s^vo"[i % 4], label=f"{ref}, k steps", **style)
             axes[1].plot(ks, mean(_column(align, ref, tracked[0])), marker="s^vo"[i % 4], label=f"to {ref}", **style)
@@ -126,10 +139,14 @@ def per_layer(df: pd.DataFrame, summary: dict, stem: Path) -> list[Path]:
     for ax in axes[:2]:
         ax.set_xlabel("layer k")
         ax.set_xticks(ks)
-    column = (lambda k: f"layer{k}_{_column(align, stepwise[-1], tracked[0])}") if stepwise else (lambda k: f"layer{k}_loss")
+    column = (
+        (lambda k: f"layer{k}_{_column(align, stepwise[-1], tracked[0])}") if stepwise else (lambda k: f"layer{k}_loss")
+    )
     for k in ks:
         _plot_band(axes[2], df, column(k), f"layer {k}")
-    axes[2].set_title(f"{align.replace('_', ' ')} to {stepwise[-1]} over training" if stepwise else "loss over training")
+    axes[2].set_title(
+        f"{align.replace('_', ' ')} to {stepwise[-1]} over training" if stepwise else "loss over training"
+    )
     if not stepwise:
         axes[2].set_yscale("log")
     axes[2].set_xlabel("training step")
@@ -152,8 +169,9 @@ def loss_by_position(summary: dict, stem: Path) -> list[Path]:
         ax.fill_between(positions, model["ci95"][0], model["ci95"][1], color="C0", alpha=0.2, linewidth=0)
     for i, (name, entry) in enumerate(summary["references"].items()):
         if isinstance(entry, dict) and "loss_by_position" in entry:
-            ax.plot(positions, entry["loss_by_position"], color=f"C{i + 1}", linestyle=REFERENCE_STYLES[i % 4],
-                    label=name)
+            ax.plot(
+                positions, entry["loss_by_position"], color=f"C{i + 1}", linestyle=REFERENCE_STYLES[i % 4], label=name
+            )
     ax.set_yscale("log")
     ax.set_xlabel("position t (predicting s_{t+1} from s_1..s_t)")
     ax.set_ylabel("loss")
@@ -187,8 +205,13 @@ def compare(frames: dict[str, pd.DataFrame], primaries: dict[str, str], stem: Pa
                 _plot_band(ax, df, column, label, color=color)
         reference_loss = f"{primaries[label]}_loss"
         if reference_loss in df:
-            axes[0].plot(df["step"].unique(), df.groupby("step")[reference_loss].mean(), color=color, linestyle="--",
-                         linewidth=0.8)
+            axes[0].plot(
+                df["step"].unique(),
+                df.groupby("step")[reference_loss].mean(),
+                color=color,
+                linestyle="--",
+                linewidth=0.8,
+            )
     for ax, (_, title, scale) in zip(axes, panels, strict=True):
         ax.set_title(title.replace("GD", "each run's primary reference"))
         ax.set_xlabel("training step")
@@ -200,7 +223,11 @@ def compare(frames: dict[str, pd.DataFrame], primaries: dict[str, str], stem: Pa
     return save(fig, stem)
 
 
-OOD_PANELS = (("input_scale", "inputs scaled by"), ("weight_scale", "weights scaled by"), ("input_law", "input law (training variance)"))
+OOD_PANELS = (
+    ("input_scale", "inputs scaled by"),
+    ("weight_scale", "weights scaled by"),
+    ("input_law", "input law (training variance)"),
+)
 OOD_REFERENCES = (("gd", "GD", "--"), ("gdpp", "GD++", "-."), ("ols", "OLS", ":"), ("ridge", "ridge", (0, (1, 3))))
 
 
@@ -208,11 +235,11 @@ def ood_curves(df: pd.DataFrame, stem: Path) -> list[Path]:
     """Loss against each distribution shift: the trained model (mean, 95% band over seeds) and
     the references."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    for ax, (family, title) in zip(axes, OOD_PANELS):
-        part = df[df["shift"] == family]
+    for ax, (family, title) in zip(axes, OOD_PANELS, strict=True):
+        part = cast(pd.DataFrame, df[df["shift"] == family])
         xs = np.arange(len(part)) if family == "input_law" else part["value"].astype(float).to_numpy()
         ax.plot(xs, part["model"], "o-", color="C0", label="trained model")
-        if part["model_lo"].notna().all():
+        if cast(pd.Series, part["model_lo"]).notna().all():
             ax.fill_between(xs, part["model_lo"], part["model_hi"], color="C0", alpha=0.2, linewidth=0)
         for i, (column, label, style) in enumerate(OOD_REFERENCES):
             ax.plot(xs, part[column], marker=".", linestyle=style, color=f"C{i + 1}", label=label)
@@ -230,7 +257,7 @@ def ood_curves(df: pd.DataFrame, stem: Path) -> list[Path]:
 def sine_fits(net_ExG, gd_ExG, ctx_x_ExN, ctx_y_ExN, feats_GxF, grid_G, stem: Path) -> list[Path]:
     """Example sine tasks (context points, the model's and MLP + GD's predictions over the query
     range) and the learned input-MLP features."""
-    n = net_ExG.shape[0]
+    n: int = net_ExG.shape[0]
     fig, axes = plt.subplots(1, n + 1, figsize=(3.6 * (n + 1), 3.4))
     for e, ax in enumerate(axes[:n]):
         ax.plot(grid_G, net_ExG[e], color="C0", label="trained model")
@@ -254,13 +281,14 @@ def token_dependence(norms_MxM: np.ndarray, shares: pd.DataFrame, stem: Path) ->
     fig.colorbar(image, ax=left, label="log10 ||d update_j / d token_i||")
     left.set_xlabel("token i (x_1, y_1, ..., query)")
     left.set_ylabel("updated token j")
-    means = shares.groupby("token")[["self", "neighbour", "rest"]].mean()
+    means = cast(pd.DataFrame, shares.groupby("token")[["self", "neighbour", "rest"]].mean())
     means.plot.bar(ax=right, rot=0)
     right.set_ylabel("share of squared dependence")
     right.set_ylim(0, 1)
     right.grid(alpha=0.3, axis="y")
     fig.suptitle("classic tokens: what the first layer's update of each token depends on", fontsize=10)
     return save(fig, stem)
+
 
 def weight_heatmaps(w_kq: np.ndarray, w_pv: np.ndarray, stem: Path, title: str = "") -> list[Path]:
     """`W_KQ = W_K^T W_Q` and `W_PV = W_P W_V` of every layer (rows) and head, side by side, each

@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import pandas as pd
@@ -61,7 +61,7 @@ def json_ready(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if hasattr(value, "tolist"):
-        return json_ready(value.tolist())
+        return json_ready(cast(Any, value).tolist())
     return value
 
 
@@ -114,12 +114,18 @@ class RunDir:
             raise RunDirError(f"--resume: {path} cannot be read ({str(err).splitlines()[0]})") from None
         status = summary.get("status")
         if status not in ("interrupted", "running"):
-            detail = f" ({summary['failure']['reason']} at step {summary['failure']['step']})" if "failure" in summary else ""
+            detail = (
+                f" ({summary['failure']['reason']} at step {summary['failure']['step']})"
+                if "failure" in summary
+                else ""
+            )
             raise RunDirError(f"--resume: {path} is a {status} run{detail}; allowed: an interrupted run")
         try:
             step = Checkpoints(path).latest_step() or 0
-        except Exception as err:  # noqa: BLE001  (Orbax raises many kinds on a damaged folder)
-            raise RunDirError(f"--resume: {path}/{CHECKPOINT_DIR} cannot be read ({str(err).splitlines()[0]})") from None
+        except Exception as err:
+            raise RunDirError(
+                f"--resume: {path}/{CHECKPOINT_DIR} cannot be read ({str(err).splitlines()[0]})"
+            ) from None
         return cls(path), cfg, summary, step
 
     def append_metrics(self, rows: list[dict]) -> None:
@@ -162,17 +168,25 @@ class Checkpoints:
         if self._manager.latest_step() == step:
             return
         ocp = self._ocp
-        self._manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
-            opt_state=ocp.args.StandardSave(jax.tree_util.tree_leaves(opt_state))))
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(nnx.to_pure_dict(params)),
+                opt_state=ocp.args.StandardSave(jax.tree_util.tree_leaves(opt_state)),
+            ),
+        )
         self._manager.wait_until_finished()
 
     def restore(self, step: int, params: nnx.State, opt_state: Any) -> tuple[nnx.State, Any]:
         """The state saved at `step`, into the structure of `params` and `opt_state`."""
         ocp = self._ocp
         leaves, treedef = jax.tree_util.tree_flatten(opt_state)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(nnx.to_pure_dict(params)), opt_state=ocp.args.StandardRestore(leaves)))
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(nnx.to_pure_dict(params)), opt_state=ocp.args.StandardRestore(leaves)
+            ),
+        )
         nnx.replace_by_pure_dict(params, restored["params"])
         return params, jax.tree_util.tree_unflatten(treedef, list(restored["opt_state"]))
 
@@ -186,7 +200,7 @@ class Checkpoints:
             restored = self._manager.restore(step, args=ocp.args.Composite(params=target))["params"]
         else:  # a single item: the final parameters, as runs of earlier versions saved them
             restored = self._manager.restore(step, args=target)
-        nnx.replace_by_pure_dict(abstract, restored)
+        nnx.replace_by_pure_dict(abstract, cast(dict[str, Any], restored))
         return abstract
 
     def close(self) -> None:

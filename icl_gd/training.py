@@ -24,8 +24,10 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
 def seed_keys(seed: int, n_seeds: int) -> tuple[jax.Array, jax.Array]:
     """Init and data keys for each seed: `fold_in(key(seed), s)`, then one stream each."""
     per_seed = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(seed), s))(jnp.arange(n_seeds))
-    return (jax.vmap(lambda k: jax.random.fold_in(k, 0))(per_seed),
-            jax.vmap(lambda k: jax.random.fold_in(k, 1))(per_seed))
+    return (
+        jax.vmap(lambda k: jax.random.fold_in(k, 0))(per_seed),
+        jax.vmap(lambda k: jax.random.fold_in(k, 1))(per_seed),
+    )
 
 
 def batch_loss(preds_BxPxO: jax.Array, targets_BxPxO: jax.Array) -> jax.Array:

@@ -39,12 +39,20 @@ def bench(overrides: list[str], seeds: int, chunks: int = 5) -> dict:
     steady_s = (time.perf_counter() - start) / (chunks * n)
     refs = experiment.compute_references(cfg, task)
     evaluator = experiment.make_evaluator(model, cfg, refs)
-    evaluate = lambda: evaluator(params)  # noqa: E731
+    evaluate = lambda: evaluator(params)
     _, eval_compile_s = timed(evaluate)
     _, eval_s = timed(evaluate)
-    return {"seeds": seeds, "compile_s": compile_s, "steps_per_s": 1 / steady_s, "ms_per_step": 1e3 * steady_s,
-            "ms_per_step_per_seed": 1e3 * steady_s / seeds, "eval_compile_s": eval_compile_s, "eval_s": eval_s,
-            "batch": tc.batch_size, "full_run_estimate_s": tc.steps * steady_s + (tc.steps // n + 1) * eval_s}
+    return {
+        "seeds": seeds,
+        "compile_s": compile_s,
+        "steps_per_s": 1 / steady_s,
+        "ms_per_step": 1e3 * steady_s,
+        "ms_per_step_per_seed": 1e3 * steady_s / seeds,
+        "eval_compile_s": eval_compile_s,
+        "eval_s": eval_s,
+        "batch": tc.batch_size,
+        "full_run_estimate_s": tc.steps * steady_s + (tc.steps // n + 1) * eval_s,
+    }
 
 
 def main(overrides: list[str]) -> None:
@@ -52,7 +60,15 @@ def main(overrides: list[str]) -> None:
     print(f"device: {device.platform} ({device.device_kind}), jax {jax.__version__}, overrides: {overrides or 'none'}")
     _, refs_s = timed(lambda: experiment.compute_references(config_lib.load_config(overrides)).evals)
     print(f"references (line search on the eta set, GD/OLS/ridge on the eval set): {refs_s:.2f} s")
-    header = ("seeds", "compile_s", "steps_per_s", "ms_per_step", "ms_per_step_per_seed", "eval_s", "full_run_estimate_s")
+    header = (
+        "seeds",
+        "compile_s",
+        "steps_per_s",
+        "ms_per_step",
+        "ms_per_step_per_seed",
+        "eval_s",
+        "full_run_estimate_s",
+    )
     print(" | ".join(header))
     for seeds in (1, 4, 16):
         row = bench(overrides, seeds)

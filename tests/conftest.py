@@ -23,6 +23,15 @@ SMALL_EVAL = ["eval.n_tasks=2000", "eval.line_search_tasks=20000"]
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A 2-seed single-layer run of 200 steps at d = 4, N = 8."""
-    cfg = load_config(["task.dim=4", "task.n_context=8", "train.steps=200", "train.eval_every=100",
-                       "train.seeds=2", "train.batch_size=256", *SMALL_EVAL])
+    cfg = load_config(
+        [
+            "task.dim=4",
+            "task.n_context=8",
+            "train.steps=200",
+            "train.eval_every=100",
+            "train.seeds=2",
+            "train.batch_size=256",
+            *SMALL_EVAL,
+        ]
+    )
     return experiment.train(cfg, tmp_path_factory.mktemp("runs") / "tiny", quiet=True)

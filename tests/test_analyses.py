@@ -11,8 +11,17 @@ from typer.testing import CliRunner
 
 from icl_gd import analyses, cli, config, experiment, models, references, runs, tasks
 
-TINY = ["train.steps=4", "train.eval_every=2", "train.batch_size=64", "train.seeds=2", "train.progress=false",
-        "eval.n_tasks=300", "eval.line_search_tasks=600", "eval.gdpp_steps=5", "eval.gdpp_batch=64"]
+TINY = [
+    "train.steps=4",
+    "train.eval_every=2",
+    "train.batch_size=64",
+    "train.seeds=2",
+    "train.progress=false",
+    "eval.n_tasks=300",
+    "eval.line_search_tasks=600",
+    "eval.gdpp_steps=5",
+    "eval.gdpp_batch=64",
+]
 
 
 def train_tiny(tmp_path_factory, name: str, *extra: str):
@@ -29,15 +38,20 @@ def ood_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sine_run(tmp_path_factory):
-    return train_tiny(tmp_path_factory, "sine", "task.n_context=6", "model.input_mlp_width=8", "model.input_mlp_features=4")
+    return train_tiny(
+        tmp_path_factory, "sine", "task.n_context=6", "model.input_mlp_width=8", "model.input_mlp_features=4"
+    )
 
 
 def test_every_analysis_has_its_files_checked():
     """The files each analysis promises are checked where it runs: the named experiments' analyses in
     tests/test_experiments.py, explain's in tests/test_explain.py. A new analysis fails here until
     an experiment lists it (or a test of its own checks its files and is added below)."""
-    listed = {name for exp in config.group_options("experiment")
-              for name in config.load_config([f"experiment={exp}"]).analyses}
+    listed = {
+        name
+        for exp in config.group_options("experiment")
+        for name in config.load_config([f"experiment={exp}"]).analyses
+    }
     assert listed | {"explain"} == set(analyses.REGISTRY)
     assert all(analyses.REGISTRY[name].files for name in analyses.REGISTRY)
 
@@ -91,11 +105,15 @@ def test_mlp_gd_partial_cos_is_one_for_the_gd_construction_on_features():
     task = tasks.from_config(config.load_config(["task=sine", f"task.n_context={n}"]).task)
     t_eval, t_search = task.draw(jax.random.key(1), 400), task.draw(jax.random.key(2), 2000)
     keys = jax.random.split(jax.random.key(3), 2)
-    embed = models.MLP(jax.random.normal(keys[0], (1, 8)), jnp.linspace(-1, 1, 8),
-                       jax.random.normal(keys[1], (8, feats)) / 3, jnp.zeros(feats))
+    embed = models.MLP(
+        jax.random.normal(keys[0], (1, 8)),
+        jnp.linspace(-1, 1, 8),
+        jax.random.normal(keys[1], (8, feats)) / 3,
+        jnp.zeros(feats),
+    )
     arch = models.Architecture(task.layout, input_mlp=True)
     mlp_gd = jax.jit(analyses.mlp_gd, static_argnums=(0, 1, 5))
-    gd = lambda eta: references.gd_weights(jnp.array([eta]), feats, n)._replace(embed=embed)  # noqa: E731
+    gd = lambda eta: references.gd_weights(jnp.array([eta]), feats, n)._replace(embed=embed)
     out = mlp_gd(arch, task, gd(0.3), t_eval, t_search, 1)
     assert float(out["partial_cos"]) == pytest.approx(1.0, abs=1e-5)
     best = float(out["mlp_gd_eta"])
@@ -111,7 +129,9 @@ def test_sine_analysis_files_and_values(sine_run):
         assert len(result[name]["per_seed"]) == 2 and np.all(np.isfinite(result[name]["per_seed"]))
     assert all(-1.0 <= c <= 1.0 for c in result["partial_cos"]["per_seed"])
     assert all(e > 0 for e in result["mlp_gd_eta"]["per_seed"])
-    np.testing.assert_allclose(result["loss"]["per_seed"], runs.load_summary(sine_run.run_dir)["final"]["loss"]["per_seed"], rtol=1e-5)
+    np.testing.assert_allclose(
+        result["loss"]["per_seed"], runs.load_summary(sine_run.run_dir)["final"]["loss"]["per_seed"], rtol=1e-5
+    )
     for suffix in ("csv", "json", "png", "pdf"):
         assert (sine_run.run_dir / "analyses" / "sine" / f"sine.{suffix}").stat().st_size > 0
 

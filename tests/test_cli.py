@@ -22,8 +22,15 @@ def test_train_writes_a_run_and_refuses_to_overwrite_it(tmp_path):
     assert again.exit_code == 2 and "already exists" in again.output
 
 
-@pytest.mark.parametrize("override,field", [("task.n_context=0", "task.n_context"), ("experiment=nope", "experiment"),
-                                            ("train.nope=3", "train.nope"), ("train.lr=-0.1", "train.lr")])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("task.n_context=0", "task.n_context"),
+        ("experiment=nope", "experiment"),
+        ("train.nope=3", "train.nope"),
+        ("train.lr=-0.1", "train.lr"),
+    ],
+)
 def test_bad_input_fails_before_any_work(tmp_path, override, field):
     out = tmp_path / "run"
     result = runner.invoke(app, ["train", override, "--out", str(out)])
@@ -35,7 +42,9 @@ def test_bad_input_fails_before_any_work(tmp_path, override, field):
 
 def test_diverging_run_exits_nonzero(tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["train", *TINY, "train.steps=200", "train.lr=1e6", "train.clip_norm=1e6", "--out", str(out)])
+    result = runner.invoke(
+        app, ["train", *TINY, "train.steps=200", "train.lr=1e6", "train.clip_norm=1e6", "--out", str(out)]
+    )
     assert result.exit_code == 1 and "diverged" in result.output
     assert runs.load_summary(out)["status"] == "failed"
 

@@ -50,7 +50,10 @@ def test_bad_values_fail_with_one_line_naming_the_field(override, message):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["task=lds", "task.variant=spiral"], "task.variant: got 'spiral'; allowed: full | partial | contracting | fixed"),
+        (
+            ["task=lds", "task.variant=spiral"],
+            "task.variant: got 'spiral'; allowed: full | partial | contracting | fixed",
+        ),
         (["task=lds", "task.dim=3"], "task.dim: unknown field; allowed: kind, state_dim, length"),
         (["task=lds", "task.length=1"], "task.length: got 1; allowed: an integer >= 2"),
         (["task=lds", "task.ridge_lambda=0"], "task.ridge_lambda: got 0.0; allowed: a number > 0"),

@@ -7,8 +7,17 @@ from icl_gd import analyses, config, experiment, runs
 from icl_gd.config import load_config
 from tests.conftest import SMALL_EVAL
 
-TINY = ["task.dim=3", "task.n_context=6", "train.steps=4", "train.eval_every=2", "train.batch_size=32",
-        "eval.n_tasks=200", "eval.line_search_tasks=2000", "eval.gdpp_steps=5", "eval.extrapolate_to=6"]
+TINY = [
+    "task.dim=3",
+    "task.n_context=6",
+    "train.steps=4",
+    "train.eval_every=2",
+    "train.batch_size=32",
+    "eval.n_tasks=200",
+    "eval.line_search_tasks=2000",
+    "eval.gdpp_steps=5",
+    "eval.extrapolate_to=6",
+]
 
 
 @pytest.mark.parametrize("name", config.group_options("experiment"))
@@ -32,9 +41,22 @@ def test_every_named_experiment_runs_a_few_steps(tmp_path, name):
 
 @pytest.fixture(scope="module")
 def recurrent_run(tmp_path_factory):
-    cfg = load_config(["experiment=recurrent", "model.layers=3", "task.dim=4", "task.n_context=8", "train.steps=300",
-                       "train.eval_every=150", "train.batch_size=256", "train.lr=3e-3", "train.seeds=2",
-                       "eval.gdpp_steps=300", "eval.extrapolate_to=8", *SMALL_EVAL])
+    cfg = load_config(
+        [
+            "experiment=recurrent",
+            "model.layers=3",
+            "task.dim=4",
+            "task.n_context=8",
+            "train.steps=300",
+            "train.eval_every=150",
+            "train.batch_size=256",
+            "train.lr=3e-3",
+            "train.seeds=2",
+            "eval.gdpp_steps=300",
+            "eval.extrapolate_to=8",
+            *SMALL_EVAL,
+        ]
+    )
     return experiment.train(cfg, tmp_path_factory.mktemp("runs") / "recurrent", quiet=True)
 
 
@@ -77,7 +99,10 @@ def test_depth_extrapolation_agrees_with_the_run(recurrent_run):
     [
         (["eval.extrapolate_to=0"], "eval.extrapolate_to: got 0; allowed: an integer >= 1"),
         (["eval.damping=1.5"], "eval.damping: got 1.5; allowed: a number in (0, 1]"),
-        (["experiment=depth_extrapolation", "model.recurrent=false"], "model.recurrent: got False; allowed: true for the depth_extrapolation"),
+        (
+            ["experiment=depth_extrapolation", "model.recurrent=false"],
+            "model.recurrent: got False; allowed: true for the depth_extrapolation",
+        ),
         (["model.heads=0"], "model.heads: got 0; allowed: an integer >= 1"),
         (["model.layers=0"], "model.layers: got 0; allowed: an integer >= 1"),
         (["model.init_scale=-1"], "model.init_scale: got -1.0; allowed: null (0.002 / layers) or a number > 0"),

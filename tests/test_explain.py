@@ -86,7 +86,7 @@ def test_weight_structure_of_gdpp_construction():
     w = references.gdpp_weights(jnp.array([3.0, 2.0]), jnp.array([0.5, 0.0]), DIM, N).layers.attn
     rows = explain.weight_structure(w.w_kq, w.w_pv, N)
     assert [r["layer"] for r in rows] == [0, 1]
-    for row, eta, gamma in zip(rows, (3.0, 2.0), (0.5, 0.0)):
+    for row, eta, gamma in zip(rows, (3.0, 2.0), (0.5, 0.0), strict=True):
         assert row["kq_outside_gd"] == 0 and row["pv_outside_gdpp"] == 0 and row["kq_x_block_off_identity"] == 0
         assert row["implied_eta"] == pytest.approx(eta, rel=1e-6)
         assert row["implied_gamma"] == pytest.approx(gamma, rel=1e-6, abs=1e-7)

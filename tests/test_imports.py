@@ -18,8 +18,10 @@ def test_import_contracts_hold():
 
 
 def test_validating_a_config_loads_no_numerics():
-    code = ("import sys; from icl_gd import config; config.load_config(['task=lds']); "
-            "print(sorted(m for m in ('jax', 'pandas', 'matplotlib', 'flax') if m in sys.modules))")
+    code = (
+        "import sys; from icl_gd import config; config.load_config(['task=lds']); "
+        "print(sorted(m for m in ('jax', 'pandas', 'matplotlib', 'flax') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

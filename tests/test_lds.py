@@ -52,7 +52,9 @@ def test_constructed_tokens():
     batch = task.sample(jax.random.key(0), 3)
     s = batch.context
     t = 3  # 0-based position
-    np.testing.assert_array_equal(batch.tokens[:, t], jnp.concatenate([jnp.zeros((3, 2)), s[:, t], s[:, t], s[:, t - 1]], -1))
+    np.testing.assert_array_equal(
+        batch.tokens[:, t], jnp.concatenate([jnp.zeros((3, 2)), s[:, t], s[:, t], s[:, t - 1]], -1)
+    )
     np.testing.assert_array_equal(batch.tokens[:, 0, 6:], 0.0)  # s_0 = 0
     np.testing.assert_array_equal(batch.targets, s[:, 1:])
 
@@ -65,7 +67,7 @@ def test_online_ridge_equals_a_batch_solve_on_every_prefix():
     for b in range(3):
         s = np.asarray(states[b], np.float64)
         for t in range(15):  # 0-based position t: pairs (s_i, s_{i+1}) with i < t
-            x, y = s[:t], s[1:t + 1]
+            x, y = s[:t], s[1 : t + 1]
             w = np.linalg.solve(x.T @ x + lam * np.eye(4), x.T @ y).T
             np.testing.assert_allclose(preds[b, t], w @ s[t], rtol=2e-3, atol=2e-5)
 
@@ -102,20 +104,37 @@ def test_baselines_cli_reports_each_reference_by_position(tmp_path):
 
 
 def test_train_lds_end_to_end(tmp_path):
-    cfg = config.load_config([*SMALL, "model.layers=2", "train.steps=60", "train.eval_every=30", "train.batch_size=64",
-                              "train.seeds=2", "train.lr=3e-3"])
+    cfg = config.load_config(
+        [
+            *SMALL,
+            "model.layers=2",
+            "train.steps=60",
+            "train.eval_every=30",
+            "train.batch_size=64",
+            "train.seeds=2",
+            "train.lr=3e-3",
+        ]
+    )
     trained = experiment.train(cfg, tmp_path / "lds", quiet=True)
     summary = trained.summary
     assert summary["status"] == "completed"
     final = summary["final"]
-    assert set(final) == {"loss", "gd_loss", "preds_diff", "ridge_online_loss", "preds_diff_ridge_online",
-                          "loss_by_position"}
+    assert set(final) == {
+        "loss",
+        "gd_loss",
+        "preds_diff",
+        "ridge_online_loss",
+        "preds_diff_ridge_online",
+        "loss_by_position",
+    }
     by_position = final["loss_by_position"]
     assert len(by_position["mean"]) == 12 and len(by_position["per_seed"]) == 2
     assert final["loss"]["mean"] == pytest.approx(np.mean(by_position["mean"]), rel=1e-5)
     assert final["loss"]["mean"] < 0.5  # below the zero predictor (D/6 = 0.5 at every position)
     for name in ("curves", "per_layer", "loss_by_position"):
-        assert (trained.run_dir / "plots" / f"{name}.png").is_file() and (trained.run_dir / "plots" / f"{name}.pdf").is_file()
+        assert (trained.run_dir / "plots" / f"{name}.png").is_file() and (
+            trained.run_dir / "plots" / f"{name}.pdf"
+        ).is_file()
     df = runs.load_metrics(trained.run_dir)
     assert {"layer1_loss", "layer2_loss", "ridge_online_loss"} <= set(df.columns)
     assert runs.load(trained.run_dir).params is not None

@@ -62,7 +62,7 @@ def test_heads_add_up():
     x, y, xq = (jnp.array(a, jnp.float32) for a in (rng.normal(size=(5, 3)), rng.normal(size=5), rng.normal(size=3)))
     tokens = TASK.tokenize(x, y, xq)
     arch = models.Architecture(TASK.layout)
-    head = lambda h: models.lsa(w.layers.attn.w_kq[:, h:h + 1], w.layers.attn.w_pv[:, h:h + 1])  # noqa: E731
+    head = lambda h: models.lsa(w.layers.attn.w_kq[:, h : h + 1], w.layers.attn.w_pv[:, h : h + 1])
     single = [models.forward(arch, head(h), tokens) for h in range(2)]
     # The residual query label starts at 0, so the two heads' readouts add up.
     np.testing.assert_allclose(models.forward(arch, w, tokens), single[0] + single[1], rtol=1e-5)
@@ -77,8 +77,17 @@ def test_softmax_attention_weights_are_a_distribution():
     np.testing.assert_allclose(causal, jnp.stack([ctx[0], ctx[:4].mean(0)]), rtol=1e-5)  # the visible prefix only
 
 
-@pytest.mark.parametrize("option", ["model.layernorm=true", "model.mlp=true", "model.input_mlp=true",
-                                    "model.attention=softmax", "model.clip_activations=0.5", "model.positional=true"])
+@pytest.mark.parametrize(
+    "option",
+    [
+        "model.layernorm=true",
+        "model.mlp=true",
+        "model.input_mlp=true",
+        "model.attention=softmax",
+        "model.clip_activations=0.5",
+        "model.positional=true",
+    ],
+)
 def test_options_give_finite_differentiable_models(option):
     model = make(["model.layers=2", option])
     rng = np.random.default_rng(3)
@@ -89,8 +98,10 @@ def test_options_give_finite_differentiable_models(option):
     assert bool(jnp.all(jnp.isfinite(grads)))
 
 
-@pytest.mark.parametrize("overrides", [["model.layernorm=true", "model.mlp=true"], ["model.input_mlp=true"],
-                                       ["model.mlp=true", "model.recurrent=true"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [["model.layernorm=true", "model.mlp=true"], ["model.input_mlp=true"], ["model.mlp=true", "model.recurrent=true"]],
+)
 def test_every_parameter_reaches_the_prediction(overrides):
     """`Transformer.weights` is explicit: no parameter is left out of the forward pass."""
     model_def = models.build(load_config(["model.layers=2", *overrides]).model, TASK.layout, 0.5)
@@ -117,7 +128,7 @@ def test_depth_is_a_scan_iterating_fifty_layers_traces_one():
     """The program of a 50-layer tied model has as many operations as a 3-layer one."""
     model = make(["model.layers=3", "model.recurrent=true"])
     weights, tokens = model.weights(), TASK.sample(jax.random.key(0), 1).tokens[0]
-    size = lambda k: len(jax.make_jaxpr(models.forward, static_argnums=0)(model.arch.deeper(k), weights, tokens).eqns)  # noqa: E731
+    size = lambda k: len(jax.make_jaxpr(models.forward, static_argnums=0)(model.arch.deeper(k), weights, tokens).eqns)
     assert size(50) == size(3)
     deep = models.forward(model.arch.deeper(50), weights, tokens)
     assert deep.shape == (50, 1, 1)
@@ -132,8 +143,9 @@ def test_causal_mask_hides_the_future():
     t = 5  # 1-based position: its prediction may read s_1..s_t only
     changed = states.at[t + 1].add(1.0)  # s_{t+2} (0-based index t + 1)
     for attention_kind in ("linear", "softmax"):
-        model = models.build(load_config(["task=lds", f"model.attention={attention_kind}", "model.layers=2"]).model,
-                             task.layout, 1.0)
+        model = models.build(
+            load_config(["task=lds", f"model.attention={attention_kind}", "model.layers=2"]).model, task.layout, 1.0
+        )
         params = model.init(jax.random.key(1))
         before, after = (model.predict(params, task.batch(s[None]).tokens)[0] for s in (states, changed))
         np.testing.assert_array_equal(before[:, :t], after[:, :t])

@@ -15,7 +15,9 @@ TASK = tasks.linear.LinearRegression(dim=6, n_context=9, tokens="constructed")
 
 def lsa(weights: models.Weights, t: tasks.Tasks, layers: int) -> jax.Array:
     """The LSA stack's readouts after each layer on regression tasks: `[B, K]`."""
-    return models.predict_batch(models.Architecture(TASK.layout, layers=layers), weights, TASK.batch(t).tokens)[:, :, 0, 0]
+    return models.predict_batch(models.Architecture(TASK.layout, layers=layers), weights, TASK.batch(t).tokens)[
+        :, :, 0, 0
+    ]
 
 
 def numpy_gd(x, y, xq, etas):
@@ -81,13 +83,25 @@ def test_closed_form_defaults():
 
 @pytest.mark.parametrize(
     "dim,n_context,law,scale,w_std,noise",
-    [(5, 20, "uniform", 1.0, 1.0, 0.0), (3, 4, "gaussian", 0.5, 2.0, 0.0), (8, 12, "laplace", 0.3, 1.0, 0.2),
-     (4, 6, "exponential", 0.6, 1.0, 0.0)],
+    [
+        (5, 20, "uniform", 1.0, 1.0, 0.0),
+        (3, 4, "gaussian", 0.5, 2.0, 0.0),
+        (8, 12, "laplace", 0.3, 1.0, 0.2),
+        (4, 6, "exponential", 0.6, 1.0, 0.0),
+    ],
 )
 def test_closed_form_matches_monte_carlo(dim, n_context, law, scale, w_std, noise):
     ref = references.closed_form_gd(dim, n_context, law, scale, w_std, noise)
-    t = tasks.sample_linear(jax.random.key(7), 400_000, dim=dim, n_context=n_context, x_dist=law, x_scale=scale,
-                            w_std=w_std, noise_std=noise)
+    t = tasks.sample_linear(
+        jax.random.key(7),
+        400_000,
+        dim=dim,
+        n_context=n_context,
+        x_dist=law,
+        x_scale=scale,
+        w_std=w_std,
+        noise_std=noise,
+    )
     mc_loss = float(references.gd_loss(jnp.array([ref.eta]), t))
     assert mc_loss == pytest.approx(ref.loss, rel=0.02)
     # eta* is the minimiser: the line search on the same tasks finds it.
@@ -123,7 +137,8 @@ def test_ols_is_minimum_norm_with_fewer_points_than_dimensions():
     for i in range(5):
         x, y, xq = map(np.asarray, (t.x[i], t.y[i], t.xq[i]))
         assert float(references.ridge_predict(t.x[i], t.y[i], t.xq[i])[0]) == pytest.approx(
-            np.linalg.pinv(x) @ y @ xq, rel=1e-4, abs=1e-6)
+            np.linalg.pinv(x) @ y @ xq, rel=1e-4, abs=1e-6
+        )
 
 
 def test_ridge_spectrum_serves_every_lambda(small_tasks):
@@ -134,7 +149,9 @@ def test_ridge_spectrum_serves_every_lambda(small_tasks):
         direct = np.linalg.solve(np.asarray(x.T @ x) + lam * np.eye(6), np.asarray(x.T @ y)) @ np.asarray(xq)
         assert float(references.ridge_from_spectrum(spec, xq, lam)) == pytest.approx(direct, rel=1e-4)
     slope = jax.grad(lambda lam: references.ridge_from_spectrum(spec, xq, lam))(0.3)
-    finite = (references.ridge_from_spectrum(spec, xq, 0.3 + 1e-2) - references.ridge_from_spectrum(spec, xq, 0.3 - 1e-2)) / 2e-2
+    finite = (
+        references.ridge_from_spectrum(spec, xq, 0.3 + 1e-2) - references.ridge_from_spectrum(spec, xq, 0.3 - 1e-2)
+    ) / 2e-2
     assert float(slope) == pytest.approx(float(finite), rel=1e-3)
 
 
@@ -145,11 +162,21 @@ def test_bayes_ridge_lambda():
 def test_fit_gdpp_finds_growing_steps_that_one_start_misses():
     """Three per-step GD++ layers: the best scalars grow from step to step; Adam from the shared
     eta alone (the only start of an earlier version) stops at three times the loss."""
-    sample = lambda k, n: tasks.sample_linear(k, n, dim=4, n_context=8)  # noqa: E731
+    sample = lambda k, n: tasks.sample_linear(k, n, dim=4, n_context=8)
     eval_tasks = sample(jax.random.key(1), 4000)
     eta = references.line_search_eta(sample(jax.random.key(2), 20_000), 3, 30.0).eta
-    fit = functools.partial(references.fit_gdpp, sample, 3, False, eta, jax.random.key(3),
-                            train_steps=300, batch=256, lr=0.05, eval_tasks=eval_tasks)
+    fit = functools.partial(
+        references.fit_gdpp,
+        sample,
+        3,
+        False,
+        eta,
+        jax.random.key(3),
+        train_steps=300,
+        batch=256,
+        lr=0.05,
+        eval_tasks=eval_tasks,
+    )
     best, single = fit(), fit(starts=(jnp.zeros((1, 3)), jnp.zeros((1, 3))))
     assert best.etas.shape == (3,) and best.gammas.shape == (3,) and float(best.gammas[-1]) == 0.0
     assert best.loss < 0.1 * float(references.gd_loss(jnp.full((3,), eta), eval_tasks))
@@ -166,5 +193,6 @@ def test_each_task_kind_declares_registered_references():
 def test_spd_solve_matches_numpy():
     m = jax.random.normal(jax.random.key(0), (7, 7))
     a, b = m @ m.T + 0.1 * jnp.eye(7), jax.random.normal(jax.random.key(1), (7,))
-    np.testing.assert_allclose(references.spd_solve(a, b), np.linalg.solve(np.asarray(a, np.float64), np.asarray(b)),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        references.spd_solve(a, b), np.linalg.solve(np.asarray(a, np.float64), np.asarray(b)), rtol=1e-4, atol=1e-5
+    )

@@ -17,8 +17,17 @@ from icl_gd.cli import app
 from icl_gd.config import load_config
 from tests.conftest import SMALL_EVAL
 
-RUN = ["task.dim=3", "task.n_context=5", "train.steps=160", "train.eval_every=20", "train.checkpoint_every=2",
-       "train.batch_size=64", "train.seeds=2", "train.lr=3e-3", *SMALL_EVAL]
+RUN = [
+    "task.dim=3",
+    "task.n_context=5",
+    "train.steps=160",
+    "train.eval_every=20",
+    "train.checkpoint_every=2",
+    "train.batch_size=64",
+    "train.seeds=2",
+    "train.lr=3e-3",
+    *SMALL_EVAL,
+]
 
 
 def interrupt_at(monkeypatch, step: int, signum: int = signal.SIGTERM):
@@ -79,16 +88,26 @@ def test_resume_after_a_kill_between_checkpoints(tmp_path, monkeypatch, uninterr
     runs.write_json(run_dir / runs.SUMMARY_FILE, summary)
     resumed = experiment.resume(run_dir, quiet=True)
     assert resumed.summary["resumed_at"] == [max(earlier)]
-    pd.testing.assert_frame_equal(runs.load_metrics(run_dir), runs.load_metrics(uninterrupted.run_dir),
-                                  check_exact=False, rtol=1e-6)
+    pd.testing.assert_frame_equal(
+        runs.load_metrics(run_dir), runs.load_metrics(uninterrupted.run_dir), check_exact=False, rtol=1e-6
+    )
 
 
 def test_a_real_sigterm_from_outside(tmp_path):
     """The CLI in its own process, stopped by SIGTERM as a scheduler would: exit 143, run marked
     interrupted; `icl-gd train --resume` then completes it."""
     run_dir = tmp_path / "preempted"
-    args = [sys.executable, "-m", "icl_gd", "train", *RUN, "train.steps=100000", "train.progress=false",
-            "--out", str(run_dir)]
+    args = [
+        sys.executable,
+        "-m",
+        "icl_gd",
+        "train",
+        *RUN,
+        "train.steps=100000",
+        "train.progress=false",
+        "--out",
+        str(run_dir),
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -103,8 +122,11 @@ def test_a_real_sigterm_from_outside(tmp_path):
     summary = runs.load_summary(run_dir)
     assert summary["status"] == "interrupted"
     # Finish it quickly: the resumed run continues to the configured train.steps of its config.yaml.
-    (run_dir / runs.CONFIG_FILE).write_text((run_dir / runs.CONFIG_FILE).read_text().replace(
-        "steps: 100000", f"steps: {summary['interruption']['step'] + 40}"))
+    (run_dir / runs.CONFIG_FILE).write_text(
+        (run_dir / runs.CONFIG_FILE)
+        .read_text()
+        .replace("steps: 100000", f"steps: {summary['interruption']['step'] + 40}")
+    )
     result = CliRunner().invoke(app, ["train", "--resume", str(run_dir)])
     assert result.exit_code == 0, result.output
     assert runs.load_summary(run_dir)["status"] == "completed"
@@ -133,7 +155,12 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, tiny_run, case):
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --resume:"), result.output
-    expected = {"completed": "completed run", "failed": "failed run", "corrupt": "cannot be read",
-                "missing": "not a run directory", "with overrides": "alone"}[case]
+    expected = {
+        "completed": "completed run",
+        "failed": "failed run",
+        "corrupt": "cannot be read",
+        "missing": "not a run directory",
+        "with overrides": "alone",
+    }[case]
     assert expected in lines[0]
     assert (sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else None) == before

@@ -10,10 +10,26 @@ from flax import nnx
 from icl_gd import models, runs
 from icl_gd.config import load_config
 
-SUMMARY_METRICS = {"loss", "gd_loss", "preds_diff", "model_cos", "model_diff", "interpolated_loss",
-                   "gdpp_loss", "preds_diff_gdpp", "model_cos_gdpp", "model_diff_gdpp",
-                   "ols_loss", "preds_diff_ols", "model_cos_ols", "model_diff_ols",
-                   "ridge_loss", "preds_diff_ridge", "model_cos_ridge", "model_diff_ridge"}
+SUMMARY_METRICS = {
+    "loss",
+    "gd_loss",
+    "preds_diff",
+    "model_cos",
+    "model_diff",
+    "interpolated_loss",
+    "gdpp_loss",
+    "preds_diff_gdpp",
+    "model_cos_gdpp",
+    "model_diff_gdpp",
+    "ols_loss",
+    "preds_diff_ols",
+    "model_cos_ols",
+    "model_diff_ols",
+    "ridge_loss",
+    "preds_diff_ridge",
+    "model_cos_ridge",
+    "model_diff_ridge",
+}
 
 
 def test_run_directory_contents(tiny_run):
@@ -46,7 +62,9 @@ def test_checkpoint_reloads_the_trained_model(tiny_run):
     # The reloaded model reproduces the final loss recorded in the summary.
     from icl_gd import experiment
 
-    batch = experiment.evaluation_batch(loaded.task, load_config(["task.dim=4", "task.n_context=8", "eval.n_tasks=2000"]))
+    batch = experiment.evaluation_batch(
+        loaded.task, load_config(["task.dim=4", "task.n_context=8", "eval.n_tasks=2000"])
+    )
     preds = models.predict_batch(model.arch, model.weights(), batch.tokens)[:, -1]
     loss = float(0.5 * jnp.mean((preds - batch.targets) ** 2))
     assert loss == pytest.approx(runs.load_summary(tiny_run.run_dir)["final"]["loss"]["per_seed"][1], rel=1e-4)

@@ -10,7 +10,7 @@ from icl_gd import analyses, config, experiment, references, tasks
 
 
 def test_distractors_are_k_uniform_positions_of_noise_at_the_labels_scale():
-    kwargs = dict(dim=4, n_context=6, noise_std=0.0)
+    kwargs = {"dim": 4, "n_context": 6, "noise_std": 0.0}
     clean = tasks.sample_linear(jax.random.key(5), 50_000, **kwargs)
     fake = tasks.sample_linear(jax.random.key(5), 50_000, distractors=2, **kwargs)
     np.testing.assert_array_equal(fake.x, clean.x)
@@ -25,34 +25,47 @@ def test_distractors_are_k_uniform_positions_of_noise_at_the_labels_scale():
 def test_closed_form_gd_with_distractors_matches_the_line_search():
     """The expected one-step GD loss with k distractors (references.closed_form_gd) against the
     line-searched loss on 200,000 tasks (its standard error is about 0.3%)."""
-    params = dict(dim=10, n_context=10, x_dist="laplace", x_scale=0.3, noise_std=0.5, distractors=3)
-    closed = references.closed_form_gd(params["dim"], params["n_context"], params["x_dist"], params["x_scale"],
-                                       1.0, params["noise_std"], params["distractors"])
+    params = {"dim": 10, "n_context": 10, "x_dist": "laplace", "x_scale": 0.3, "noise_std": 0.5, "distractors": 3}
+    closed = references.closed_form_gd(
+        params["dim"],
+        params["n_context"],
+        params["x_dist"],
+        params["x_scale"],
+        1.0,
+        params["noise_std"],
+        params["distractors"],
+    )
     searched = references.line_search_eta(tasks.sample_linear(jax.random.key(7), 200_000, **params), 1, 3 * closed.eta)
     assert searched.loss == pytest.approx(closed.loss, rel=0.015)
     assert searched.eta == pytest.approx(closed.eta, rel=0.05)
-    assert closed.loss > references.closed_form_gd(10, 10, params["x_dist"], params["x_scale"], 1.0, params["noise_std"]).loss
+    assert (
+        closed.loss
+        > references.closed_form_gd(10, 10, params["x_dist"], params["x_scale"], 1.0, params["noise_std"]).loss
+    )
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["task.tokens=interleaved"], "task.tokens"),
-    (["task.distractors=11"], "task.distractors"),
-    (["task.distractors=-1"], "task.distractors"),
-    (["task=sine", "task.distractors=1"], "task.distractors"),
-    (["task.kind=sine"], "task.kind"),
-    (["task=lds", "model.input_mlp=true"], "model.input_mlp"),
-    (["task=lds", "analyses=[ood]"], "analyses"),
-    (["task.tokens=classic", "model.input_mlp=true"], "model.input_mlp"),
-    (["task.x_dist=cauchy"], "task.x_dist"),
-    (["task.noise_std=-0.1"], "task.noise_std"),
-    (["model.input_mlp_features=0"], "model.input_mlp_features"),
-    (["model.input_mlp_width=0"], "model.input_mlp_width"),
-    (["analyses=[ood,nope]"], "analyses"),
-    (["analyses=[sine]"], "analyses"),
-    (["experiment=sine", "analyses=[ood]"], "analyses"),
-    (["experiment=classic_tokens", "task.tokens=constructed"], "analyses"),
-    (["model.positional=maybe"], "model.positional"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["task.tokens=interleaved"], "task.tokens"),
+        (["task.distractors=11"], "task.distractors"),
+        (["task.distractors=-1"], "task.distractors"),
+        (["task=sine", "task.distractors=1"], "task.distractors"),
+        (["task.kind=sine"], "task.kind"),
+        (["task=lds", "model.input_mlp=true"], "model.input_mlp"),
+        (["task=lds", "analyses=[ood]"], "analyses"),
+        (["task.tokens=classic", "model.input_mlp=true"], "model.input_mlp"),
+        (["task.x_dist=cauchy"], "task.x_dist"),
+        (["task.noise_std=-0.1"], "task.noise_std"),
+        (["model.input_mlp_features=0"], "model.input_mlp_features"),
+        (["model.input_mlp_width=0"], "model.input_mlp_width"),
+        (["analyses=[ood,nope]"], "analyses"),
+        (["analyses=[sine]"], "analyses"),
+        (["experiment=sine", "analyses=[ood]"], "analyses"),
+        (["experiment=classic_tokens", "task.tokens=constructed"], "analyses"),
+        (["model.positional=maybe"], "model.positional"),
+    ],
+)
 def test_bad_values_fail_with_one_line_naming_the_field(overrides, field):
     """Through the checks the CLI runs before any work: the config, what the task kind needs of the
     model, and the analyses."""

@@ -55,8 +55,11 @@ def test_sine_tasks():
 
 def test_registry_builds_each_kind_from_its_config():
     assert set(tasks.REGISTRY) == {"linear", "sine", "lds"}
-    for overrides, kind in (([], tasks.linear.LinearRegression), (["experiment=sine"], tasks.sine.SineRegression),
-                            (["task=lds"], tasks.lds.LinearDynamics)):
+    for overrides, kind in (
+        ([], tasks.linear.LinearRegression),
+        (["experiment=sine"], tasks.sine.SineRegression),
+        (["task=lds"], tasks.lds.LinearDynamics),
+    ):
         task = tasks.from_config(config.load_config(overrides).task)
         assert isinstance(task, kind)
         hash(task)  # a static argument of jax.jit

@@ -43,7 +43,7 @@ def test_positions_are_one_hot_and_the_label_slot_is_read_out(task, kind, length
     assert arch.width(D) == D + 1 + length
     plain = regression.tokenize(t.x, t.y, t.xq)
     seq = models.embed(arch, models.Weights(models.Layers(models.Attention(None, None))), plain)
-    np.testing.assert_array_equal(seq[:, D + 1:], jnp.eye(length))
+    np.testing.assert_array_equal(seq[:, D + 1 :], jnp.eye(length))
     np.testing.assert_array_equal(seq[:, : D + 1], plain)
     assert arch.readout(models.Weights(models.Layers(models.Attention(None, None)))) == D  # the label slot
 
@@ -57,7 +57,7 @@ def copying_weights(eta: float, sharpness: float = 400.0) -> tuple[models.Archit
     copy_kq = jnp.zeros((width, width)).at[pos, pos].set(sharpness * jnp.eye(length, k=1))
     copy_pv = jnp.zeros((width, width)).at[:D, :D].set(jnp.eye(D))
     gd = references.gd_weights(jnp.array([eta]), D, N).layers.attn
-    pad = lambda w: jnp.zeros(w.shape[:2] + (width, width)).at[..., : D + 1, : D + 1].set(w)  # noqa: E731
+    pad = lambda w: jnp.zeros((*w.shape[:2], width, width)).at[..., : D + 1, : D + 1].set(w)
     weights = models.lsa(pad(gd.w_kq), pad(gd.w_pv))._replace(copy=models.Attention(copy_kq[None], copy_pv[None]))
     return arch, weights
 
@@ -94,7 +94,7 @@ def test_constructed_forward_reads_the_label_slot_with_positions(task):
     arch = models.Architecture(constructed.layout, layers=2, positional=True)
     width = arch.width(D)
     gd = references.gd_weights(jnp.array([2.0, 2.0]), D, N).layers.attn
-    pad = lambda w: jnp.zeros(w.shape[:2] + (width, width)).at[..., : D + 1, : D + 1].set(w)  # noqa: E731
+    pad = lambda w: jnp.zeros((*w.shape[:2], width, width)).at[..., : D + 1, : D + 1].set(w)
     preds = models.predict_batch(arch, models.lsa(pad(gd.w_kq), pad(gd.w_pv)), constructed.batch(t).tokens)
     expected = jax.vmap(references.gd_direct, in_axes=(0, 0, 0, None))(t.x, t.y, t.xq, jnp.array([2.0, 2.0]))
     chex.assert_trees_all_close(preds[:, :, 0, 0], expected, atol=1e-6, rtol=1e-6)

@@ -26,10 +26,19 @@ def test_single_layer_reaches_the_gd_loss_and_aligns_with_gd(tmp_path):
 
 def test_seeds_train_independently_in_one_program(tmp_path):
     """Seed s of a multi-seed run is the run of that seed alone (vmap changes nothing)."""
-    base = ["task.dim=3", "task.n_context=5", "train.steps=50", "train.eval_every=25", "train.batch_size=64", *SMALL_EVAL]
+    base = [
+        "task.dim=3",
+        "task.n_context=5",
+        "train.steps=50",
+        "train.eval_every=25",
+        "train.batch_size=64",
+        *SMALL_EVAL,
+    ]
     many = experiment.train(load_config([*base, "train.seeds=3"]), tmp_path / "many", quiet=True)
     one = experiment.train(load_config([*base, "train.seeds=1"]), tmp_path / "one", quiet=True)
-    assert many.summary["final"]["loss"]["per_seed"][0] == pytest.approx(one.summary["final"]["loss"]["per_seed"][0], rel=1e-5)
+    assert many.summary["final"]["loss"]["per_seed"][0] == pytest.approx(
+        one.summary["final"]["loss"]["per_seed"][0], rel=1e-5
+    )
     per_seed = many.summary["final"]["loss"]["per_seed"]
     assert len(set(per_seed)) == 3  # different init and data keys
     df = pd.read_csv(many.run_dir / runs.METRICS_FILE)
@@ -37,8 +46,18 @@ def test_seeds_train_independently_in_one_program(tmp_path):
 
 
 def test_divergence_marks_the_run_failed(tmp_path):
-    cfg = load_config(["task.dim=3", "task.n_context=5", "train.steps=400", "train.eval_every=100",
-                       "train.lr=1e6", "train.clip_norm=1e6", "train.batch_size=64", *SMALL_EVAL])
+    cfg = load_config(
+        [
+            "task.dim=3",
+            "task.n_context=5",
+            "train.steps=400",
+            "train.eval_every=100",
+            "train.lr=1e6",
+            "train.clip_norm=1e6",
+            "train.batch_size=64",
+            *SMALL_EVAL,
+        ]
+    )
     with pytest.raises(experiment.TrainingDiverged, match="diverged at step"):
         experiment.train(cfg, tmp_path / "bad", quiet=True)
     summary = json.loads((tmp_path / "bad" / runs.SUMMARY_FILE).read_text())

@@ -4,6 +4,7 @@ numerics, re-exported here), `lds` the per-position references of linear dynamic
 
 from icl_gd.references import lds, regression  # noqa: F401  (registers the references)
 from icl_gd.references.linalg import spd_solve
+from icl_gd.references.registry import REGISTRY, FitContext, Reference, analytic, for_task, register
 from icl_gd.references.regression import (
     GDPP,
     GDReference,
@@ -25,9 +26,32 @@ from icl_gd.references.regression import (
     ridge_predict,
     ridge_spectrum,
 )
-from icl_gd.references.registry import REGISTRY, FitContext, Reference, analytic, for_task, register
 
-__all__ = ["GDPP", "REGISTRY", "FitContext", "GDReference", "Reference", "RidgeSpectrum", "analytic",
-           "bayes_ridge_lambda", "closed_form", "closed_form_gd", "fit_gdpp", "for_task", "gd_direct", "gd_loss",
-           "gd_weights", "gdpp_direct", "gdpp_starts", "gdpp_weights", "line_search_eta", "loss", "minimize_scalar",
-           "register", "ridge_from_spectrum", "ridge_predict", "ridge_spectrum", "spd_solve"]
+__all__ = [
+    "GDPP",
+    "REGISTRY",
+    "FitContext",
+    "GDReference",
+    "Reference",
+    "RidgeSpectrum",
+    "analytic",
+    "bayes_ridge_lambda",
+    "closed_form",
+    "closed_form_gd",
+    "fit_gdpp",
+    "for_task",
+    "gd_direct",
+    "gd_loss",
+    "gd_weights",
+    "gdpp_direct",
+    "gdpp_starts",
+    "gdpp_weights",
+    "line_search_eta",
+    "loss",
+    "minimize_scalar",
+    "register",
+    "ridge_from_spectrum",
+    "ridge_predict",
+    "ridge_spectrum",
+    "spd_solve",
+]

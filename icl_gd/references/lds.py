@@ -24,7 +24,8 @@ def pair_products(states_Tp1xD: jax.Array, queries_TxD: jax.Array) -> jax.Array:
     The causal sum is a masked `[T, T]` score matrix (strictly earlier pairs only)."""
     inputs, targets = states_Tp1xD[:-2], states_Tp1xD[1:-1]  # pairs (s_i, s_{i+1}), i = 1..T-1
     scores_IxT = inputs @ queries_TxD.T
-    earlier = jnp.arange(inputs.shape[0])[:, None] < jnp.arange(queries_TxD.shape[0])[None, :]  # pair j = (s_{j+1}, s_{j+2}) before position p
+    # pair j = (s_{j+1}, s_{j+2}) before position p
+    earlier = jnp.arange(inputs.shape[0])[:, None] < jnp.arange(queries_TxD.shape[0])[None, :]
     return jnp.einsum("it,id->td", jnp.where(earlier, scores_IxT, 0.0), targets)
 
 
@@ -62,7 +63,16 @@ def _fit_gd(ctx) -> jax.Array:
     return jax.jit(line_search_gd)(states)
 
 
-register(Reference("gd", "GD, 1 step", _fit_gd, gd_predict, describe=lambda eta: {"eta": float(eta), "steps": 1}),
-         ("lds",))
-register(Reference("ridge_online", "online ridge", lambda ctx: jnp.asarray(ctx.task.ridge_lambda, jnp.float32),
-                   ridge_online_predict, describe=lambda lam: {"lambda": float(lam)}), ("lds",))
+register(
+    Reference("gd", "GD, 1 step", _fit_gd, gd_predict, describe=lambda eta: {"eta": float(eta), "steps": 1}), ("lds",)
+)
+register(
+    Reference(
+        "ridge_online",
+        "online ridge",
+        lambda ctx: jnp.asarray(ctx.task.ridge_lambda, jnp.float32),
+        ridge_online_predict,
+        describe=lambda lam: {"lambda": float(lam)},
+    ),
+    ("lds",),
+)

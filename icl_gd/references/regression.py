@@ -8,7 +8,8 @@ LSA constructions against it.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +80,9 @@ def loss(preds_B: jax.Array, yq_B: jax.Array) -> jax.Array:
     return 0.5 * jnp.mean((preds_B - yq_B) ** 2)
 
 
-def minimize_scalar(f: Callable[[jax.Array], jax.Array], lo: float, hi: float, points: int = 64, rounds: int = 5):
+def minimize_scalar(
+    f: Callable[[jax.Array], jax.Array], lo: float | jax.Array, hi: float | jax.Array, points: int = 64, rounds: int = 5
+):
     """Grid search on `[lo, hi]`, zooming `rounds` times around the best point. Non-finite
     values count as +inf. Returns `(argmin, min)`."""
 
@@ -102,8 +105,15 @@ class GDReference(NamedTuple):
     loss: float
 
 
-def closed_form_gd(dim: int, n_context: int, x_dist: str, x_scale: float, w_std: float = 1.0, noise_std: float = 0.0,
-                   distractors: int = 0) -> GDReference:
+def closed_form_gd(
+    dim: int,
+    n_context: int,
+    x_dist: str,
+    x_scale: float,
+    w_std: float = 1.0,
+    noise_std: float = 0.0,
+    distractors: int = 0,
+) -> GDReference:
     """Best learning rate and expected loss of one GD step (docs/science.md section 6).
 
     With `g = (1/N) sum_i y_i x_i^T x_q`: `eta* = E[g y_q] / E[g^2]` and the loss is
@@ -123,8 +133,11 @@ def closed_form_gd(dim: int, n_context: int, x_dist: str, x_scale: float, w_std:
     e_yy = w_std**2 * d * var + noise_std**2
     one_term = w_std**2 * var * (d * m4 + d * (d - 1) * var**2)
     e_gy = clean / n * w_std**2 * d * var**2
-    e_gg = (clean * (one_term + noise_std**2 * d * var**2) + k * e_yy * d * var**2
-            + clean * (clean - 1) * w_std**2 * d * var**3) / n**2
+    e_gg = (
+        clean * (one_term + noise_std**2 * d * var**2)
+        + k * e_yy * d * var**2
+        + clean * (clean - 1) * w_std**2 * d * var**3
+    ) / n**2
     return GDReference(eta=e_gy / e_gg, loss=0.5 * (e_yy - e_gy**2 / e_gg))
 
 
@@ -135,9 +148,7 @@ def gd_loss(etas_K: jax.Array, t: Tasks) -> jax.Array:
 
 def line_search_eta(t: Tasks, steps: int, eta_max: float) -> GDReference:
     """The one `eta` shared by `steps` GD steps that minimises the loss on `t`."""
-    eta, value = jax.jit(
-        lambda t: minimize_scalar(lambda e: gd_loss(jnp.full((steps,), e), t), 0.0, eta_max)
-    )(t)
+    eta, value = jax.jit(lambda t: minimize_scalar(lambda e: gd_loss(jnp.full((steps,), e), t), 0.0, eta_max))(t)
     return GDReference(eta=float(eta), loss=float(value))
 
 
@@ -209,9 +220,19 @@ def gdpp_starts(steps: int, shared: bool) -> tuple[jax.Array, jax.Array]:
     return log_eta, jnp.stack([f * c * r**k for c, r, f in combos])
 
 
-def fit_gdpp(sample: Callable, steps: int, shared: bool, eta_init: float, key: jax.Array, *,
-             train_steps: int, batch: int, lr: float, eval_tasks: Tasks,
-             starts: Optional[tuple[jax.Array, jax.Array]] = None) -> GDPP:
+def fit_gdpp(
+    sample: Callable,
+    steps: int,
+    shared: bool,
+    eta_init: float,
+    key: jax.Array,
+    *,
+    train_steps: int,
+    batch: int,
+    lr: float,
+    eval_tasks: Tasks,
+    starts: tuple[jax.Array, jax.Array] | None = None,
+) -> GDPP:
     """Train GD++'s `(eta_k, gamma_k)` by Adam on the task loss (docs/science.md section 4), compiled as one
     scan over fresh batches, from every start (`(u, v)` pairs `[C, n]`, default `gdpp_starts`) at
     once (vmapped, same batches); keep the start whose result has the lowest loss on fresh tasks
@@ -219,9 +240,12 @@ def fit_gdpp(sample: Callable, steps: int, shared: bool, eta_init: float, key: j
     `eta_k = eta_init exp(u_k)`, `gamma_k = eta_init v_k` so that one learning rate moves steps of
     any size by the same relative amount; cosine-decayed learning rate. `shared` ties the scalars
     across steps (recurrent models); `loss` is on `eval_tasks`."""
+
     def scalars(params):
-        return (jnp.broadcast_to(eta_init * jnp.exp(params["u"]), (steps,)),
-                jnp.broadcast_to(eta_init * params["v"], (steps,)))
+        return (
+            jnp.broadcast_to(eta_init * jnp.exp(params["u"]), (steps,)),
+            jnp.broadcast_to(eta_init * params["v"], (steps,)),
+        )
 
     def batch_loss(params, t):
         preds = jax.vmap(gdpp_direct, in_axes=(0, 0, 0, None, None))(t.x, t.y, t.xq, *scalars(params))
@@ -258,13 +282,13 @@ REGRESSION_KINDS = ("linear", "sine")
 SINE_ETA_MAX = 10.0  # line-search range for task kinds without a closed form
 
 
-CLOSED_FORMS: dict[str, Callable[..., Optional[GDReference]]] = {
+CLOSED_FORMS: dict[str, Callable[..., GDReference | None]] = {
     "linear": lambda t: closed_form_gd(t.dim, t.n_context, t.x_dist, t.x_scale, t.w_std, t.noise_std, t.distractors),
     "sine": lambda t: None,
 }
 
 
-def closed_form(task: Regression) -> Optional[GDReference]:
+def closed_form(task: Regression) -> GDReference | None:
     """One GD step's best eta and expected loss (docs/science.md section 6), where the task kind has one."""
     return CLOSED_FORMS[task.name](task)
 
@@ -292,17 +316,29 @@ def _fit_gdpp(ctx) -> GDPPSteps:
     etas, shared, ev = ctx.fitted["gd"], bool(ctx.cfg.model.recurrent), ctx.cfg.eval
     if ctx.steps == 1 or int(ev.gdpp_steps) == 0:
         return GDPPSteps(etas, jnp.zeros_like(etas), jnp.asarray(shared))
-    fit = fit_gdpp(ctx.task.draw, ctx.steps, shared, float(etas[0]), jax.random.fold_in(ctx.key, 2),
-                   train_steps=int(ev.gdpp_steps), batch=int(ev.gdpp_batch), lr=float(ev.gdpp_lr),
-                   eval_tasks=ctx.eval_batch.context)
+    fit = fit_gdpp(
+        ctx.task.draw,
+        ctx.steps,
+        shared,
+        float(etas[0]),
+        jax.random.fold_in(ctx.key, 2),
+        train_steps=int(ev.gdpp_steps),
+        batch=int(ev.gdpp_batch),
+        lr=float(ev.gdpp_lr),
+        eval_tasks=ctx.eval_batch.context,
+    )
     steps = (ctx.steps,)
     return GDPPSteps(jnp.broadcast_to(fit.etas, steps), jnp.broadcast_to(fit.gammas, steps), jnp.asarray(shared))
 
 
 def _describe_gdpp(p: GDPPSteps) -> dict:
     n = 1 if bool(p.shared) else p.etas.shape[0]
-    return {"etas": [float(e) for e in p.etas[:n]], "gammas": [float(g) for g in p.gammas[:n]],
-            "steps": int(p.etas.shape[0]), "shared": bool(p.shared)}
+    return {
+        "etas": [float(e) for e in p.etas[:n]],
+        "gammas": [float(g) for g in p.gammas[:n]],
+        "steps": int(p.etas.shape[0]),
+        "shared": bool(p.shared),
+    }
 
 
 def _regression(predict_xyq):
@@ -314,20 +350,50 @@ def _regression(predict_xyq):
     return predict
 
 
-register(Reference(
-    "gd", "GD", _fit_gd, _regression(lambda etas, x, y, q: gd_direct(x, y, q, etas)),
-    describe=lambda etas: {"eta": float(etas[0]), "steps": int(etas.shape[0])}, stepwise=True,
-), REGRESSION_KINDS)
-register(Reference(
-    "gdpp", "GD++", _fit_gdpp,
-    _regression(lambda p, x, y, q: gdpp_direct(x, y, q, p.etas, p.gammas)), describe=_describe_gdpp, stepwise=True,
-), REGRESSION_KINDS)
-register(Reference(
-    "ols", "OLS", lambda ctx: None, _regression(lambda _, x, y, q: ridge_predict(x, y, q)),
-), REGRESSION_KINDS)
-register(Reference(
-    "ridge", "ridge (Bayes-optimal lambda)", lambda ctx: jnp.asarray(ctx.task.ridge_lambda, jnp.float32),
-    _regression(lambda lam, x, y, q: ridge_predict(x, y, q, lam)), describe=lambda lam: {"lambda": float(lam)},
-), REGRESSION_KINDS)
-ANALYTIC.update({kind: lambda task: {"gd_closed_form": None if (c := closed_form(task)) is None else c._asdict()}
-                 for kind in REGRESSION_KINDS})
+register(
+    Reference(
+        "gd",
+        "GD",
+        _fit_gd,
+        _regression(lambda etas, x, y, q: gd_direct(x, y, q, etas)),
+        describe=lambda etas: {"eta": float(etas[0]), "steps": int(etas.shape[0])},
+        stepwise=True,
+    ),
+    REGRESSION_KINDS,
+)
+register(
+    Reference(
+        "gdpp",
+        "GD++",
+        _fit_gdpp,
+        _regression(lambda p, x, y, q: gdpp_direct(x, y, q, p.etas, p.gammas)),
+        describe=_describe_gdpp,
+        stepwise=True,
+    ),
+    REGRESSION_KINDS,
+)
+register(
+    Reference(
+        "ols",
+        "OLS",
+        lambda ctx: None,
+        _regression(lambda _, x, y, q: ridge_predict(x, y, q)),
+    ),
+    REGRESSION_KINDS,
+)
+register(
+    Reference(
+        "ridge",
+        "ridge (Bayes-optimal lambda)",
+        lambda ctx: jnp.asarray(ctx.task.ridge_lambda, jnp.float32),
+        _regression(lambda lam, x, y, q: ridge_predict(x, y, q, lam)),
+        describe=lambda lam: {"lambda": float(lam)},
+    ),
+    REGRESSION_KINDS,
+)
+ANALYTIC.update(
+    {
+        kind: lambda task: {"gd_closed_form": None if (c := closed_form(task)) is None else c._asdict()}
+        for kind in REGRESSION_KINDS
+    }
+)

@@ -3,9 +3,24 @@ kind that samples `Batch`es of token sequences on device (docs/science.md sectio
 
 from icl_gd.tasks import lds, linear, sine  # noqa: F401  (registers the kinds)
 from icl_gd.tasks.base import REGISTRY, Batch, Layout, Mask, TaskKind, from_config, register
-from icl_gd.tasks.linear import InputLaw, input_law, sample_inputs, sample_linear
+from icl_gd.tasks.linear import InputLaw, LinearRegression, input_law, sample_inputs, sample_linear
 from icl_gd.tasks.regression import Regression, Tasks
 from icl_gd.tasks.sine import sample_sine
 
-__all__ = ["REGISTRY", "Batch", "InputLaw", "Layout", "Mask", "Regression", "TaskKind", "Tasks", "from_config",
-           "input_law", "register", "sample_inputs", "sample_linear", "sample_sine"]
+__all__ = [
+    "REGISTRY",
+    "Batch",
+    "InputLaw",
+    "Layout",
+    "LinearRegression",
+    "Mask",
+    "Regression",
+    "TaskKind",
+    "Tasks",
+    "from_config",
+    "input_law",
+    "register",
+    "sample_inputs",
+    "sample_linear",
+    "sample_sine",
+]

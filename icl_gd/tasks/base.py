@@ -7,8 +7,9 @@ registered under its config name; `from_config(task_cfg)` builds the one a confi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, NamedTuple, Optional, Protocol, TypeVar
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
 
 import jax
 import numpy as np
@@ -62,7 +63,7 @@ class Layout:
     readout_sign: float
     scored: tuple[int, ...]
     mask: Mask
-    input_tokens: Optional[tuple[int, ...]] = None
+    input_tokens: tuple[int, ...] | None = None
     copy_layer: bool = False
 
     def place_queries(self, tokens_TxD: jax.Array, queries_Pxd: jax.Array) -> jax.Array:

@@ -11,7 +11,7 @@ The batch's `context` is the states `[B, T+1, D]`: the references fit the pairs 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -74,16 +74,33 @@ class LinearDynamics:
 
     @classmethod
     def from_config(cls, task_cfg) -> LinearDynamics:
-        return cls(state_dim=int(task_cfg.state_dim), length=int(task_cfg.length), noise_std=float(task_cfg.noise_std),
-                   clip=float(task_cfg.clip), variant=task_cfg.variant.name, hidden_dim=int(task_cfg.hidden_dim),
-                   obs_noise_std=float(task_cfg.obs_noise_std), contracting_max=float(task_cfg.contracting_max),
-                   transition_seed=int(task_cfg.transition_seed), ridge_lambda=float(task_cfg.ridge_lambda))
+        return cls(
+            state_dim=int(task_cfg.state_dim),
+            length=int(task_cfg.length),
+            noise_std=float(task_cfg.noise_std),
+            clip=float(task_cfg.clip),
+            variant=task_cfg.variant.name,
+            hidden_dim=int(task_cfg.hidden_dim),
+            obs_noise_std=float(task_cfg.obs_noise_std),
+            contracting_max=float(task_cfg.contracting_max),
+            transition_seed=int(task_cfg.transition_seed),
+            ridge_lambda=float(task_cfg.ridge_lambda),
+        )
 
     @property
     def layout(self) -> Layout:
         d = self.state_dim
-        return Layout(length=self.length, width=4 * d, input_dim=d, query_slot=2 * d, readout=0, output_dim=d,
-                      readout_sign=1.0, scored=tuple(range(self.length)), mask=Mask(causal=True))
+        return Layout(
+            length=self.length,
+            width=4 * d,
+            input_dim=d,
+            query_slot=2 * d,
+            readout=0,
+            output_dim=d,
+            readout_sign=1.0,
+            scored=tuple(range(self.length)),
+            mask=Mask(causal=True),
+        )
 
     def transitions(self, key: jax.Array, n: int) -> jax.Array:
         """The transitions of `n` sequences, `[n, H, H]` (H = `hidden_dim` for `partial`, else `state_dim`)."""
@@ -114,6 +131,6 @@ class LinearDynamics:
     def sample(self, key: jax.Array, n: int) -> Batch:
         return self.batch(self.states(key, n))
 
-    def zero_loss(self) -> Optional[float]:
+    def zero_loss(self) -> float | None:
         """Loss of the zero predictor at `t = 1` for `full` and `fixed` (`s_2 = W* s_1`, `|s_1|^2 = D/3`): `D/6`."""
         return self.state_dim / 6 if self.variant in ("full", "fixed") else None

@@ -23,12 +23,16 @@ class InputLaw(NamedTuple):
 
 # Each law at scale s: (sampler (key, shape, s) -> array, moments (s) -> InputLaw).
 INPUT_LAWS = {
-    "uniform": (lambda key, shape, s: jax.random.uniform(key, shape, minval=-s, maxval=s),  # U(-s, s)
-                lambda s: InputLaw(s**2 / 3, s**4 / 5)),
+    "uniform": (
+        lambda key, shape, s: jax.random.uniform(key, shape, minval=-s, maxval=s),  # U(-s, s)
+        lambda s: InputLaw(s**2 / 3, s**4 / 5),
+    ),
     "gaussian": (lambda key, shape, s: s * jax.random.normal(key, shape), lambda s: InputLaw(s**2, 3 * s**4)),
     "laplace": (lambda key, shape, s: s * jax.random.laplace(key, shape), lambda s: InputLaw(2 * s**2, 24 * s**4)),
-    "exponential": (lambda key, shape, s: s * (jax.random.exponential(key, shape) - 1.0),  # centred
-                    lambda s: InputLaw(s**2, 9 * s**4)),
+    "exponential": (
+        lambda key, shape, s: s * (jax.random.exponential(key, shape) - 1.0),  # centred
+        lambda s: InputLaw(s**2, 9 * s**4),
+    ),
 }
 
 
@@ -41,8 +45,18 @@ def sample_inputs(key: jax.Array, shape: tuple[int, ...], x_dist: str, x_scale: 
     return INPUT_LAWS[x_dist][0](key, shape, x_scale)
 
 
-def sample_linear(key: jax.Array, n_tasks: int, *, dim: int, n_context: int, x_dist: str = "uniform",
-                  x_scale: float = 0.5, w_std: float = 1.0, noise_std: float = 0.0, distractors: int = 0) -> Tasks:
+def sample_linear(
+    key: jax.Array,
+    n_tasks: int,
+    *,
+    dim: int,
+    n_context: int,
+    x_dist: str = "uniform",
+    x_scale: float = 0.5,
+    w_std: float = 1.0,
+    noise_std: float = 0.0,
+    distractors: int = 0,
+) -> Tasks:
     """Linear regression tasks `y = w . x (+ noise)`, `w ~ N(0, w_std^2 I)`, one `w` per task.
 
     `distractors` context labels per task, at random positions, are replaced by Gaussian noise
@@ -75,9 +89,16 @@ class LinearRegression(Regression):
 
     @classmethod
     def from_config(cls, task_cfg) -> LinearRegression:
-        return cls(dim=int(task_cfg.dim), n_context=int(task_cfg.n_context), tokens=task_cfg.tokens.name,
-                   x_dist=task_cfg.x_dist.name, x_scale=float(task_cfg.x_scale), w_std=float(task_cfg.w_std),
-                   noise_std=float(task_cfg.noise_std), distractors=int(task_cfg.distractors))
+        return cls(
+            dim=int(task_cfg.dim),
+            n_context=int(task_cfg.n_context),
+            tokens=task_cfg.tokens.name,
+            x_dist=task_cfg.x_dist.name,
+            x_scale=float(task_cfg.x_scale),
+            w_std=float(task_cfg.w_std),
+            noise_std=float(task_cfg.noise_std),
+            distractors=int(task_cfg.distractors),
+        )
 
     def shifted(self, **changes) -> LinearRegression:
         """The same task with some fields of its law changed (out-of-distribution sets)."""
@@ -88,5 +109,14 @@ class LinearRegression(Regression):
         return self.noise_std**2 / self.w_std**2
 
     def draw(self, key: jax.Array, n: int) -> Tasks:
-        return sample_linear(key, n, dim=self.dim, n_context=self.n_context, x_dist=self.x_dist, x_scale=self.x_scale,
-                             w_std=self.w_std, noise_std=self.noise_std, distractors=self.distractors)
+        return sample_linear(
+            key,
+            n,
+            dim=self.dim,
+            n_context=self.n_context,
+            x_dist=self.x_dist,
+            x_scale=self.x_scale,
+            w_std=self.w_std,
+            noise_std=self.noise_std,
+            distractors=self.distractors,
+        )

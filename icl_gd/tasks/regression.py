@@ -57,6 +57,7 @@ class Regression(abc.ABC):
     n_context: int
     tokens: str  # a key of TOKENIZERS
 
+    name: ClassVar[str]  # set by each task kind
     references: ClassVar[tuple[str, ...]] = ("gd", "gdpp", "ols", "ridge")
     sensitivities: ClassVar[bool] = True
 
@@ -65,9 +66,19 @@ class Regression(abc.ABC):
         classic_tokens = self.tokens == "classic"
         n_ctx_tokens = (2 if classic_tokens else 1) * self.n_context
         inputs = tuple(range(0, n_ctx_tokens + 1, 2 if classic_tokens else 1))  # x tokens and the query
-        return Layout(length=n_ctx_tokens + 1, width=self.dim + 1, input_dim=self.dim, query_slot=0,
-                      readout=self.dim, output_dim=1, readout_sign=-1.0, scored=(n_ctx_tokens,),
-                      mask=Mask(causal=False, n_keys=n_ctx_tokens), input_tokens=inputs, copy_layer=classic_tokens)
+        return Layout(
+            length=n_ctx_tokens + 1,
+            width=self.dim + 1,
+            input_dim=self.dim,
+            query_slot=0,
+            readout=self.dim,
+            output_dim=1,
+            readout_sign=-1.0,
+            scored=(n_ctx_tokens,),
+            mask=Mask(causal=False, n_keys=n_ctx_tokens),
+            input_tokens=inputs,
+            copy_layer=classic_tokens,
+        )
 
     def tokenize(self, x_Nxd: jax.Array, y_N: jax.Array, xq_d: jax.Array) -> jax.Array:
         return TOKENIZERS[self.tokens](x_Nxd, y_N, xq_d)

@@ -31,8 +31,9 @@ class SineRegression(Regression):
 
     @classmethod
     def from_config(cls, task_cfg) -> SineRegression:
-        return cls(dim=1, n_context=int(task_cfg.n_context), tokens=task_cfg.tokens.name,
-                   noise_std=float(task_cfg.noise_std))
+        return cls(
+            dim=1, n_context=int(task_cfg.n_context), tokens=task_cfg.tokens.name, noise_std=float(task_cfg.noise_std)
+        )
 
     @property
     def ridge_lambda(self) -> float:
