@@ -281,7 +281,13 @@ def train(cfg: DictConfig, run_dir: Path, allow_empty_dir: bool = False, quiet: 
     config_lib.validate(cfg)
     task = check(cfg)
     run = runs.RunDir.create(run_dir, cfg, allow_empty=allow_empty_dir)
-    summary = {"status": "running", "experiment": cfg.name, "seeds": int(cfg.train.seeds), **environment()}
+    summary = {
+        "status": "running",
+        "experiment": cfg.name,
+        "task": task.name,
+        "seeds": int(cfg.train.seeds),
+        **environment(),
+    }
     run.write_summary(summary)
     return _run(cfg, task, run, summary, start=0, quiet=quiet)
 

@@ -42,6 +42,12 @@ def _plot_band(ax, df: pd.DataFrame, column: str, label: str, color=None, linest
     return line
 
 
+def run_title(summary: dict) -> str:
+    """`<experiment> (task=<kind>)`, as a figure's title starts."""
+    task = summary.get("task")
+    return f"{summary.get('experiment', '')}" + (f" (task={task})" if task else "")
+
+
 def save(fig, stem: Path) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
@@ -110,51 +116,53 @@ def training_curves(df: pd.DataFrame, summary: dict, stem: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     seeds = summary.get("seeds", 1)
-    fig.suptitle(f"{summary.get('experiment', '')}: {seeds} seed(s), mean and 95% interval", fontsize=10)
+    fig.suptitle(f"{run_title(summary)}: {seeds} seed(s), mean and 95% interval", fontsize=10)
     return save(fig, stem)
 
 
 def per_layer(df: pd.DataFrame, summary: dict, stem: Path) -> list[Path]:
     """Readout after layer k against k steps of each stepwise reference (and the others' final
-    loss): loss and alignment per layer, then each layer's alignment with the last stepwise
-    reference over training (its loss, when the task has no stepwise reference)."""
+    loss): loss and, with stepwise references, alignment per layer; then over training each
+    layer's alignment with the last stepwise reference (its loss, when the task has none)."""
     layers = summary["per_layer"]
     ks = np.arange(1, len(layers) + 1)
     tracked = tracked_references(df, summary)
     stepwise = [r for r in tracked if f"{r}_loss" in layers[0]]
     align = "model_cos" if "model_cos" in layers[0] else "preds_diff"
     mean = lambda name: np.array([layer[name]["mean"] for layer in layers])
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    axes[0].plot(ks, mean("loss"), "o-", label="trained model")
+    fig, axes = plt.subplots(1, 3 if stepwise else 2, figsize=(14 if stepwise else 9.5, 3.8))
+    by_layer, over_training = axes[0], axes[-1]
+    by_layer.plot(ks, mean("loss"), "o-", label="trained model")
     for i, ref in enumerate(tracked):
         style = {"color": f"C{i + 1}", "linestyle": REFERENCE_STYLES[(i + 1) % 4]}
         if ref in stepwise:
-            axes[0].plot(ks, mean(f"{ref}_loss"), marker="s^vo"[i % 4], label=f"{ref}, k steps", **style)
+            by_layer.plot(ks, mean(f"{ref}_loss"), marker="s^vo"[i % 4], label=f"{ref}, k steps", **style)
             axes[1].plot(ks, mean(_column(align, ref, tracked[0])), marker="s^vo"[i % 4], label=f"to {ref}", **style)
         else:
-            axes[0].axhline(summary["references"][ref]["loss"], label=ref, **style)
-    axes[0].set_yscale("log")
-    axes[0].set_title("loss of the readout after layer k")
-    axes[1].set_title(f"{align.replace('_', ' ')} after layer k" if stepwise else "(no stepwise reference)")
-    for ax in axes[:2]:
+            loss = summary["references"][ref]["loss"]
+            by_layer.axhline(loss, label=f"{ref}: {loss:.4g}", **style)
+    by_layer.set_yscale("log")
+    shown = np.concatenate([mean("loss"), *[mean(f"{ref}_loss") for ref in stepwise]])
+    by_layer.set_ylim(0.5 * float(shown.min()), 1.5 * float(shown.max()))  # an exact reference (OLS) is in the legend
+    by_layer.set_title("loss of the readout after layer k")
+    for ax in axes[:-1]:
         ax.set_xlabel("layer k")
         ax.set_xticks(ks)
-    column = (
-        (lambda k: f"layer{k}_{_column(align, stepwise[-1], tracked[0])}") if stepwise else (lambda k: f"layer{k}_loss")
-    )
+    if stepwise:
+        axes[1].set_title(f"{align.replace('_', ' ')} after layer k")
+        column = f"{_column(align, stepwise[-1], tracked[0])}"
+        over_training.set_title(f"{align.replace('_', ' ')} to {stepwise[-1]} over training")
+    else:
+        column = "loss"
+        over_training.set_title("loss over training")
+        over_training.set_yscale("log")
     for k in ks:
-        _plot_band(axes[2], df, column(k), f"layer {k}")
-    axes[2].set_title(
-        f"{align.replace('_', ' ')} to {stepwise[-1]} over training" if stepwise else "loss over training"
-    )
-    if not stepwise:
-        axes[2].set_yscale("log")
-    axes[2].set_xlabel("training step")
+        _plot_band(over_training, df, f"layer{k}_{column}", f"layer {k}")
+    over_training.set_xlabel("training step")
     for ax in axes:
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.suptitle(f"{summary.get('experiment', '')}: per-layer readouts against k reference steps", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{run_title(summary)}: per-layer readouts against k reference steps", fontsize=10)
     return save(fig, stem)
 
 
@@ -177,7 +185,7 @@ def loss_by_position(summary: dict, stem: Path) -> list[Path]:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"{summary.get('experiment', '')}: loss by position, {summary.get('seeds', 1)} seed(s)", fontsize=10)
+    ax.set_title(f"{run_title(summary)}: loss by position, {summary.get('seeds', 1)} seed(s)", fontsize=10)
     return save(fig, stem)
 
 
