@@ -1,10 +1,11 @@
 """Attention kinds as a registry (docs/science.md section 3).
 
-An attention kind is one function `(tokens_TxD, positions, w_kq_HxDxD, w_pv_HxDxD, mask) ->
-updates_MxD`: the update of the tokens at `positions` (a static tuple), each attending to the
-tokens `mask` makes visible to it. Every layer is described by the products `W_KQ = W_K^T W_Q`
-and `W_PV = W_P W_V` per head, so trained models and the GD / GD++ constructions run through
-the same functions. Register a new kind with `@register("name")` and add its name to
+An attention kind is one function `(keys_NxD, queries_MxD, w_kq_HxDxD, w_pv_HxDxD, visible_NxM)
+-> updates_MxD`: the update of each query token from the key / value tokens, where `visible`
+(None: all of them) says which keys each query sees. Every layer is described by the products
+`W_KQ = W_K^T W_Q` and `W_PV = W_P W_V` per head, so trained models and the GD / GD++
+constructions run through the same functions; `keys_and_visibility` turns a task's `Mask` into
+keys and visibility. Register a new kind with `@register("name")` and add its name to
 `config.Attention`.
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from icl_gd.tasks.base import Mask
 
-AttentionFn = Callable[[jax.Array, tuple[int, ...], jax.Array, jax.Array, Mask], jax.Array]
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
 REGISTRY: dict[str, AttentionFn] = {}
 
 
@@ -56,24 +57,22 @@ def _pool(scores_HxNxM: jax.Array, keys_NxD: jax.Array, w_pv: jax.Array) -> jax.
 
 @register("linear")
 def linear(
-    tokens_TxD: jax.Array, positions: tuple[int, ...], w_kq: jax.Array, w_pv: jax.Array, mask: Mask
+    keys_NxD: jax.Array, queries_MxD: jax.Array, w_kq: jax.Array, w_pv: jax.Array, visible_NxM: jax.Array | None
 ) -> jax.Array:
     """Linear self-attention: scores `e_i^T W_KQ e_j` used as they are (docs/science.md section 3)."""
-    keys, visible = keys_and_visibility(tokens_TxD, positions, mask)
-    scores_HxNxM = jnp.einsum("nd,hde,me->hnm", keys, w_kq, take(tokens_TxD, positions))
-    if visible is not None:
-        scores_HxNxM = scores_HxNxM * visible
-    return _pool(scores_HxNxM, keys, w_pv)
+    scores_HxNxM = jnp.einsum("nd,hde,me->hnm", keys_NxD, w_kq, queries_MxD)
+    if visible_NxM is not None:
+        scores_HxNxM = scores_HxNxM * visible_NxM
+    return _pool(scores_HxNxM, keys_NxD, w_pv)
 
 
 @register("softmax")
 def softmax(
-    tokens_TxD: jax.Array, positions: tuple[int, ...], w_kq: jax.Array, w_pv: jax.Array, mask: Mask
+    keys_NxD: jax.Array, queries_MxD: jax.Array, w_kq: jax.Array, w_pv: jax.Array, visible_NxM: jax.Array | None
 ) -> jax.Array:
     """Softmax attention: scores scaled by `1/sqrt(D)`, normalised over the visible keys
     (docs/science.md section 9)."""
-    keys, visible = keys_and_visibility(tokens_TxD, positions, mask)
-    scores_HxNxM = jnp.einsum("nd,hde,me->hnm", keys, w_kq, take(tokens_TxD, positions)) / jnp.sqrt(keys.shape[-1])
-    if visible is not None:
-        scores_HxNxM = jnp.where(visible, scores_HxNxM, -jnp.inf)
-    return _pool(jax.nn.softmax(scores_HxNxM, axis=1), keys, w_pv)
+    scores_HxNxM = jnp.einsum("nd,hde,me->hnm", keys_NxD, w_kq, queries_MxD) / jnp.sqrt(keys_NxD.shape[-1])
+    if visible_NxM is not None:
+        scores_HxNxM = jnp.where(visible_NxM, scores_HxNxM, -jnp.inf)
+    return _pool(jax.nn.softmax(scores_HxNxM, axis=1), keys_NxD, w_pv)

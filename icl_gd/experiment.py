@@ -180,7 +180,7 @@ def make_evaluator(model: models.Model, cfg: DictConfig, refs: References):
         weights = model.weights(params)
 
         def predict(q_Pxd, tokens_TxD):
-            return models.forward(model.arch, weights, layout.place_queries(tokens_TxD, q_Pxd))
+            return models.forward(model.arch, weights, tokens_TxD, q_Pxd)
 
         ev = metrics.evaluate(predict, batch.queries, batch.tokens, sensitivities=task.sensitivities)
         out = {"loss": metrics.losses(ev, batch.targets, by_position=True)}

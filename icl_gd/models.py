@@ -117,34 +117,36 @@ def mlp(z: jax.Array, p: MLP) -> jax.Array:
     return jax.nn.gelu(z @ p.w1 + p.b1) @ p.w2 + p.b2
 
 
-def embed(arch: Architecture, weights: Weights, tokens_TxD: jax.Array) -> jax.Array:
-    """The model's input sequence: the input MLP's features in place of the query slot of the input
-    tokens (zeros in the others), then one-hot positions appended when the model has them."""
+def embed(
+    arch: Architecture, weights: Weights, rows_RxD: jax.Array, positions: tuple[int, ...] | None = None
+) -> jax.Array:
+    """The model's input tokens at `positions` (default: the whole sequence): the input MLP's
+    features in place of the query slot of the input tokens (zeros in the others), then one-hot
+    positions appended when the model has them."""
     layout = arch.layout
+    where = np.arange(layout.length) if positions is None else np.asarray(positions)
     if arch.input_mlp:
         assert weights.embed is not None and layout.input_tokens is not None
         start, stop = layout.query_slot, layout.query_slot + layout.input_dim
-        is_input = np.isin(np.arange(layout.length), layout.input_tokens)[:, None]
-        features = jnp.where(is_input, mlp(tokens_TxD[:, start:stop], weights.embed), 0.0)
-        tokens_TxD = jnp.concatenate([tokens_TxD[:, :start], features, tokens_TxD[:, stop:]], axis=-1)
+        is_input = np.isin(where, layout.input_tokens)[:, None]
+        features = jnp.where(is_input, mlp(rows_RxD[:, start:stop], weights.embed), 0.0)
+        rows_RxD = jnp.concatenate([rows_RxD[:, :start], features, rows_RxD[:, stop:]], axis=-1)
     if arch.positional:
-        tokens_TxD = jnp.concatenate([tokens_TxD, jnp.eye(layout.length, dtype=tokens_TxD.dtype)], axis=-1)
-    return tokens_TxD
+        rows_RxD = jnp.concatenate([rows_RxD, jnp.eye(layout.length, dtype=rows_RxD.dtype)[where]], axis=-1)
+    return rows_RxD
 
 
-def copy_layer(copy: Attention, tokens_TxD: jax.Array) -> jax.Array:
-    """Classic tokens' first layer: causal softmax self-attention over the whole sequence (token j
-    attends to the tokens i <= j), with a residual connection."""
-    positions = tuple(range(tokens_TxD.shape[0]))
-    return tokens_TxD + attention.softmax(tokens_TxD, positions, copy.w_kq, copy.w_pv, Mask(causal=True))
-
-
-def layer(arch: Architecture, w: Layers, tokens_TxD: jax.Array, positions: tuple[int, ...]) -> jax.Array:
-    """One block on the tokens at `positions` (`[M, D]`): attention (pre-LN when the weights have
-    LayerNorms), then the MLP, each with a residual connection, then the activation clip."""
-    h = tokens_TxD if w.ln_attn is None else _layer_norm(tokens_TxD, w.ln_attn)
-    out = attention.take(tokens_TxD, positions)
-    out = out + attention.REGISTRY[arch.attention](h, positions, w.attn.w_kq, w.attn.w_pv, arch.layout.mask)
+def layer(
+    arch: Architecture, w: Layers, queries_MxD: jax.Array, keys_NxD: jax.Array, visible_NxM: jax.Array | None = None
+) -> jax.Array:
+    """One block's output for the query tokens: attention to the key tokens (pre-LN on both when the
+    weights have LayerNorms), then the MLP, each with a residual connection, then the activation clip."""
+    ln = w.ln_attn
+    norm = (lambda z: z) if ln is None else (lambda z: _layer_norm(z, ln))
+    update = attention.REGISTRY[arch.attention](
+        norm(keys_NxD), norm(queries_MxD), w.attn.w_kq, w.attn.w_pv, visible_NxM
+    )
+    out = queries_MxD + update
     if w.mlp is not None:
         out = out + mlp(out if w.ln_mlp is None else _layer_norm(out, w.ln_mlp), w.mlp)
     if arch.clip_activations is not None:
@@ -152,11 +154,37 @@ def layer(arch: Architecture, w: Layers, tokens_TxD: jax.Array, positions: tuple
     return out
 
 
-def forward(arch: Architecture, weights: Weights, tokens_TxD: jax.Array) -> jax.Array:
-    """Readouts after each layer at each scored position, `[K, P, O]`, for one token sequence.
+def layer_at(arch: Architecture, w: Layers, tokens_TxD: jax.Array, positions: tuple[int, ...]) -> jax.Array:
+    """`layer` for the tokens at `positions` of a sequence, with the keys the task's mask allows."""
+    keys, visible = attention.keys_and_visibility(tokens_TxD, positions, arch.layout.mask)
+    return layer(arch, w, attention.take(tokens_TxD, positions), keys, visible)
+
+
+def copy_layer(copy: Attention, tokens_TxD: jax.Array) -> jax.Array:
+    """Classic tokens' first layer: causal softmax self-attention over the whole sequence (token j
+    attends to the tokens i <= j), with a residual connection."""
+    everywhere = tuple(range(tokens_TxD.shape[0]))
+    visible = jnp.asarray(Mask(causal=True).visible(tokens_TxD.shape[0], everywhere))
+    return tokens_TxD + attention.softmax(tokens_TxD, tokens_TxD, copy.w_kq, copy.w_pv, visible)
+
+
+def _separable(arch: Architecture, weights: Weights) -> bool:
+    """Whether the key tokens never depend on the scored ones: keys from a context prefix that
+    holds no scored position, and no copy layer (regression tasks)."""
+    mask, scored = arch.layout.mask, arch.layout.scored
+    return not mask.causal and min(scored) >= mask.n_keys and weights.copy is None
+
+
+def forward(
+    arch: Architecture, weights: Weights, tokens_TxD: jax.Array, queries_Pxd: jax.Array | None = None
+) -> jax.Array:
+    """Readouts after each layer at each scored position, `[K, P, O]`, for one token sequence
+    (with `queries` written at the query slot of the scored tokens first, when given).
 
     Layers `1..K-1` update every token under one `lax.scan`; the last updates only the scored
-    tokens, the only ones read out. A weight stack of length 1 is applied at every layer.
+    tokens, the only ones read out. A weight stack of length 1 is applied at every layer. When the
+    keys never depend on the scored tokens (regression), the context and the other tokens are
+    carried apart, so that derivatives with respect to `queries` (sensitivities) skip the context.
     """
     layout = arch.layout
     n_sets = weights.layers.attn.w_kq.shape[0]
@@ -165,18 +193,42 @@ def forward(arch: Architecture, weights: Weights, tokens_TxD: jax.Array) -> jax.
     start = arch.readout(weights)
     read = lambda t: layout.readout_sign * t[:, start : start + layout.output_dim]
     at = lambda i: jax.tree_util.tree_map(lambda a: a[i], weights.layers)
+    first = lambda i: at(i if n_sets > 1 else 0)
+    steps = jnp.arange(arch.layers - 1)
 
+    if _separable(arch, weights):
+        n = layout.mask.n_keys
+        scored = tuple(p - n for p in layout.scored)  # within the tokens after the context
+        rest = tokens_TxD[n:]
+        if queries_Pxd is not None:
+            slot = slice(layout.query_slot, layout.query_slot + layout.input_dim)
+            rest = rest.at[np.asarray(scored), slot].set(queries_Pxd)
+        ctx = embed(arch, weights, tokens_TxD[:n], tuple(range(n)))
+        rest = embed(arch, weights, rest, tuple(range(n, layout.length)))
+
+        def body_apart(carry, i):
+            ctx, rest = carry
+            w = first(i)
+            ctx, rest = layer(arch, w, ctx, ctx), layer(arch, w, rest, ctx)
+            return (ctx, rest), read(attention.take(rest, scored))
+
+        (ctx, rest), early_KxPxO = jax.lax.scan(body_apart, (ctx, rest), steps)
+        last = layer(arch, first(arch.layers - 1), attention.take(rest, scored), ctx)
+        return jnp.concatenate([early_KxPxO, read(last)[None]])
+
+    if queries_Pxd is not None:
+        tokens_TxD = layout.place_queries(tokens_TxD, queries_Pxd)
     tokens_TxD = embed(arch, weights, tokens_TxD)
     if weights.copy is not None:
         tokens_TxD = copy_layer(weights.copy, tokens_TxD)
     everywhere = tuple(range(layout.length))
 
     def body(tokens, i):
-        tokens = layer(arch, at(i if n_sets > 1 else 0), tokens, everywhere)
+        tokens = layer_at(arch, first(i), tokens, everywhere)
         return tokens, read(attention.take(tokens, layout.scored))
 
-    tokens_TxD, early_KxPxO = jax.lax.scan(body, tokens_TxD, jnp.arange(arch.layers - 1))
-    last = layer(arch, at(arch.layers - 1 if n_sets > 1 else 0), tokens_TxD, layout.scored)
+    tokens_TxD, early_KxPxO = jax.lax.scan(body, tokens_TxD, steps)
+    last = layer_at(arch, first(arch.layers - 1), tokens_TxD, layout.scored)
     return jnp.concatenate([early_KxPxO, read(last)[None]])
 
 
@@ -188,8 +240,9 @@ def predict_batch(arch: Architecture, weights: Weights, tokens_BxTxD: jax.Array)
 def regression_readout(
     arch: Architecture, weights: Weights, task: Regression, x_Nxd: jax.Array, y_N: jax.Array, xq_d: jax.Array
 ) -> jax.Array:
-    """A regression task's prediction after each layer, `[K]`: `forward` on the task's tokens."""
-    return forward(arch, weights, task.tokenize(x_Nxd, y_N, xq_d))[:, 0, 0]
+    """A regression task's prediction after each layer, `[K]`: `forward` on the task's tokens (the
+    query given apart, so that derivatives with respect to it skip the context)."""
+    return forward(arch, weights, task.tokenize(x_Nxd, y_N, jnp.zeros_like(xq_d)), xq_d[None])[:, 0, 0]
 
 
 def init_scale(model_cfg) -> float:

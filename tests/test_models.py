@@ -70,10 +70,12 @@ def test_heads_add_up():
 
 def test_softmax_attention_weights_are_a_distribution():
     ctx = jnp.array(np.random.default_rng(2).normal(size=(7, 4)), jnp.float32)
-    w_pv = jnp.eye(4)[None]
-    update = attention.softmax(ctx, (0,), jnp.zeros((1, 4, 4)), w_pv, tasks.Mask(causal=False, n_keys=7))
+    w_pv, zeros = jnp.eye(4)[None], jnp.zeros((1, 4, 4))
+    keys, visible = attention.keys_and_visibility(ctx, (0,), tasks.Mask(causal=False, n_keys=7))
+    update = attention.softmax(keys, ctx[:1], zeros, w_pv, visible)
     np.testing.assert_allclose(update[0], ctx.mean(0), rtol=1e-5)  # zero scores: uniform attention
-    causal = attention.softmax(ctx, (0, 3), jnp.zeros((1, 4, 4)), w_pv, tasks.Mask(causal=True))
+    keys, visible = attention.keys_and_visibility(ctx, (0, 3), tasks.Mask(causal=True))
+    causal = attention.softmax(keys, attention.take(ctx, (0, 3)), zeros, w_pv, visible)
     np.testing.assert_allclose(causal, jnp.stack([ctx[0], ctx[:4].mean(0)]), rtol=1e-5)  # the visible prefix only
 
 
@@ -157,3 +159,29 @@ def test_scored_positions_and_readout_of_sequence_tasks():
     model = models.build(load_config(["task=lds", "model.layers=3"]).model, task.layout)
     preds = model.predict(model.init(jax.random.key(0)), task.sample(jax.random.key(1), 4).tokens)
     assert preds.shape == (4, 3, 7, 2)  # [B, K readouts, P positions, O = state size]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.layers=3", "model.layernorm=true", "model.mlp=true"],
+        ["model.layers=2", "model.input_mlp=true", "model.positional=true"],
+        ["task=lds", "model.layers=2"],
+    ],
+)
+def test_queries_given_apart_equal_queries_in_the_tokens(overrides):
+    """`forward(tokens, queries)` (the context carried apart for regression) is `forward` on the
+    tokens with the queries written in, and its sensitivities match a finite difference."""
+    cfg = load_config(overrides)
+    task = tasks.from_config(cfg.task)
+    model_def = models.build(cfg.model, task.layout, 0.5)
+    weights = model_def.weights(model_def.init(jax.random.key(6)))
+    batch = task.sample(jax.random.key(7), 1)
+    tokens, queries = batch.tokens[0], batch.queries[0] + 0.3
+    apart = models.forward(model_def.arch, weights, tokens, queries)
+    written = models.forward(model_def.arch, weights, task.layout.place_queries(tokens, queries))
+    np.testing.assert_allclose(apart, written, rtol=1e-5, atol=1e-6)
+    grad = jax.grad(lambda q: models.forward(model_def.arch, weights, tokens, q)[-1, -1, 0])(queries)
+    step = jnp.zeros_like(queries).at[-1, 0].set(1e-2)
+    f = lambda q: float(models.forward(model_def.arch, weights, task.layout.place_queries(tokens, q))[-1, -1, 0])
+    assert float(grad[-1, 0]) == pytest.approx((f(queries + step) - f(queries - step)) / 2e-2, rel=2e-2, abs=1e-4)
