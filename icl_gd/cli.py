@@ -229,12 +229,14 @@ def compare(
     for i, run_dir in enumerate(run_dirs):
         summary = runs.load_summary(run_dir)
         layers = runs.load_config(run_dir).model.layers
-        label = f"{summary['experiment']} K={layers} ({run_dir.name})"
+        task = f" task={summary['task']}" if "task" in summary else ""
+        label = f"{summary['experiment']}{task} K={layers} ({run_dir.name})"
         label = label if label not in frames else f"{label} ({i})"
         frames[label] = runs.load_metrics(run_dir)
         primaries[label] = next(iter(summary.get("references", {"gd": None})))
         row = {"run": label, "status": summary["status"], "seeds": summary["seeds"]}
-        row.update({name: stats["mean"] for name, stats in summary.get("final", {}).items()})
+        finals = summary.get("final", {}).items()
+        row.update({name: stats["mean"] for name, stats in finals if not isinstance(stats["mean"], list)})
         rows.append(row)
     out.mkdir(parents=True)
     table_df = pd.DataFrame(rows)

@@ -221,7 +221,7 @@ def compare(frames: dict[str, pd.DataFrame], primaries: dict[str, str], stem: Pa
                 linewidth=0.8,
             )
     for ax, (_, title, scale) in zip(axes, panels, strict=True):
-        ax.set_title(title.replace("GD", "each run's primary reference"))
+        ax.set_title(title.replace("GD", "primary ref."))
         ax.set_xlabel("training step")
         ax.set_yscale(scale)
         ax.grid(alpha=0.3)
