@@ -306,6 +306,15 @@ def resume(run_dir: Path, quiet: bool = False) -> runs.Trained:
 def _run(
     cfg: DictConfig, task: tasks.TaskKind, run: runs.RunDir, summary: dict, start: int, quiet: bool
 ) -> runs.Trained:
+    """`_loop` with SIGINT / SIGTERM caught from the start: one that arrives while the references
+    are fitted stops the run before its first chunk (saved and marked interrupted all the same)."""
+    with _StopSignals() as stop:
+        return _loop(cfg, task, run, summary, start, quiet, stop)
+
+
+def _loop(
+    cfg: DictConfig, task: tasks.TaskKind, run: runs.RunDir, summary: dict, start: int, quiet: bool, stop: _StopSignals
+) -> runs.Trained:
     """The training loop shared by `train` and `resume`: chunks of `train.eval_every` steps, an
     evaluation after each (read once the next chunk is dispatched), checkpoints every
     `train.checkpoint_every` evaluations and at the end."""
@@ -349,10 +358,7 @@ def _run(
     rows, last_eval = record(start, evaluator(params), None)
     pending, step = None, start  # the previous chunk's results, read only once the next chunk is dispatched
     chunks_done = 0
-    with (
-        _StopSignals() as stop,
-        TrainProgress(int(tc.steps), enabled=bool(tc.progress) and not quiet, start=start) as progress,
-    ):
+    with TrainProgress(int(tc.steps), enabled=bool(tc.progress) and not quiet, start=start) as progress:
         while step < tc.steps and stop.received is None:
             n = min(int(tc.eval_every), int(tc.steps) - step)
             params, opt_state, chunk_losses = train_chunk(params, opt_state, data_keys, step, n)
