@@ -47,8 +47,6 @@ def check(cfg: DictConfig) -> tasks.TaskKind:
     layout = task.layout
     if cfg.model.input_mlp and layout.input_tokens is None:
         raise config_lib.ConfigError(f"model.input_mlp: got true; allowed: false for task={task.name}")
-    if layout.copy_layer and cfg.model.input_mlp:
-        raise config_lib.ConfigError("model.input_mlp: got true; allowed: false with task.tokens=classic")
     return task
 
 
@@ -308,12 +306,19 @@ def _run(
 ) -> runs.Trained:
     """`_loop` with SIGINT / SIGTERM caught from the start: one that arrives while the references
     are fitted stops the run before its first chunk (saved and marked interrupted all the same)."""
-    with _StopSignals() as stop:
-        return _loop(cfg, task, run, summary, start, quiet, stop)
+    with _StopSignals() as stop, runs.Checkpoints(run.path) as checkpoints:
+        return _loop(cfg, task, run, summary, start, quiet, stop, checkpoints)
 
 
 def _loop(
-    cfg: DictConfig, task: tasks.TaskKind, run: runs.RunDir, summary: dict, start: int, quiet: bool, stop: _StopSignals
+    cfg: DictConfig,
+    task: tasks.TaskKind,
+    run: runs.RunDir,
+    summary: dict,
+    start: int,
+    quiet: bool,
+    stop: _StopSignals,
+    checkpoints: runs.Checkpoints,
 ) -> runs.Trained:
     """The training loop shared by `train` and `resume`: chunks of `train.eval_every` steps, an
     evaluation after each (read once the next chunk is dispatched), checkpoints every
@@ -326,7 +331,6 @@ def _loop(
     optimizer = training.make_optimizer(tc)
     init_keys, data_keys = training.seed_keys(int(tc.seed), int(tc.seeds))
     params, opt_state = training.init_states(model, optimizer, init_keys)
-    checkpoints = runs.Checkpoints(run.path)
     if start > 0:
         params, opt_state = checkpoints.restore(start, params, opt_state)
     run.truncate_metrics(start)  # rows past the checkpoint, from a run killed before it could save
@@ -337,7 +341,6 @@ def _loop(
     def fail(step: int, seed: int, reason: str):
         summary.update(status="failed", failure={"step": step, "seed": seed, "reason": reason}, wall_time_s=wall())
         run.write_summary(summary)
-        checkpoints.close()
         raise TrainingDiverged(f"run diverged at step {step} (seed {seed}): {reason}; marked failed in {run.path}")
 
     def record(step: int, evaluated, train_losses) -> tuple[list[dict], dict]:
@@ -375,7 +378,6 @@ def _loop(
             rows, last_eval = record(*pending)
             progress.update(pending[0], float(np.mean(pending[2][:, -1])))
     checkpoints.save(step, params, opt_state)
-    checkpoints.close()
     if step < tc.steps:
         assert stop.received is not None
         name = signal.Signals(stop.received).name

@@ -121,7 +121,8 @@ class RunDir:
             )
             raise RunDirError(f"--resume: {path} is a {status} run{detail}; allowed: an interrupted run")
         try:
-            step = Checkpoints(path).latest_step() or 0
+            with Checkpoints(path) as checkpoints:
+                step = checkpoints.latest_step() or 0
         except Exception as err:
             raise RunDirError(
                 f"--resume: {path}/{CHECKPOINT_DIR} cannot be read ({str(err).splitlines()[0]})"
@@ -206,6 +207,12 @@ class Checkpoints:
     def close(self) -> None:
         self._manager.close()
 
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 @dataclass
 class Trained:
@@ -233,9 +240,6 @@ def load(run_dir: str | Path) -> Trained:
     model = models.build(cfg.model, task.layout)
     init_keys, _ = training.seed_keys(int(cfg.train.seed), int(cfg.train.seeds))
     abstract = jax.eval_shape(jax.vmap(model.init), init_keys)
-    checkpoints = Checkpoints(run_dir)
-    try:
+    with Checkpoints(run_dir) as checkpoints:
         params = checkpoints.restore_params(abstract)
-    finally:
-        checkpoints.close()
     return Trained(run_dir, cfg, task, model, params, load_summary(run_dir))

@@ -54,7 +54,6 @@ def test_closed_form_gd_with_distractors_matches_the_line_search():
         (["task.kind=sine"], "task.kind"),
         (["task=lds", "model.input_mlp=true"], "model.input_mlp"),
         (["task=lds", "analyses=[ood]"], "analyses"),
-        (["task.tokens=classic", "model.input_mlp=true"], "model.input_mlp"),
         (["task.x_dist=cauchy"], "task.x_dist"),
         (["task.noise_std=-0.1"], "task.noise_std"),
         (["model.input_mlp_features=0"], "model.input_mlp_features"),

@@ -98,3 +98,20 @@ def test_constructed_forward_reads_the_label_slot_with_positions(task):
     preds = models.predict_batch(arch, models.lsa(pad(gd.w_kq), pad(gd.w_pv)), constructed.batch(t).tokens)
     expected = jax.vmap(references.gd_direct, in_axes=(0, 0, 0, None))(t.x, t.y, t.xq, jnp.array([2.0, 2.0]))
     chex.assert_trees_all_close(preds[:, :, 0, 0], expected, atol=1e-6, rtol=1e-6)
+
+
+def test_an_input_mlp_embeds_the_x_tokens_and_the_query_only(task):
+    """Classic tokens through an input MLP: features in the x slot of the x tokens and of the query,
+    zeros in the label tokens (as the inputs were before embedding)."""
+    t, _ = task
+    arch = models.Architecture(CLASSIC.layout, input_mlp=True)
+    embed = models.MLP(jnp.ones((D, 5)), jnp.ones(5), jnp.ones((5, 2)), jnp.ones(2))
+    seq = models.embed(
+        arch, models.Weights(models.Layers(models.Attention(None, None)), embed=embed), CLASSIC.tokenize(t.x, t.y, t.xq)
+    )
+    assert seq.shape == (2 * N + 1, 2 + 1)
+    inputs = jnp.concatenate([t.x, t.xq[None]])
+    chex.assert_trees_all_close(seq[0::2, :2], models.mlp(inputs, embed), rtol=1e-6)
+    np.testing.assert_array_equal(seq[1::2, :2], 0.0)
+    np.testing.assert_array_equal(seq[1::2, 2], t.y)  # the label slot, after the features
+    assert arch.readout(models.Weights(models.Layers(models.Attention(None, None)), embed=embed)) == 2
