@@ -151,7 +151,7 @@ def ood(trained: runs.Trained) -> dict:
     lam = refs["ridge"]["lambda"]
 
     def per_task(x, y, xq):
-        spec = references.ridge_spectrum(x, y)  # one SVD for OLS and ridge (see references.linalg)
+        spec = references.ridge_spectrum(x, y)  # one SVD for OLS and ridge (see icl_gd.linalg)
         return {
             "gd": references.gd_direct(x, y, xq, etas)[-1],
             "gdpp": references.gdpp_direct(x, y, xq, gdpp_etas, gdpp_gammas)[-1],

@@ -60,7 +60,7 @@ def evaluate_reference(
     task: tasks.TaskKind, ref: references.Reference, params, batch: tasks.Batch
 ) -> metrics.Evaluation:
     """A reference's readouts (and sensitivities) on `batch`, in a compiled program of its own
-    (at most one batched LAPACK call per program, see `references.linalg`), reused for every run
+    (at most one batched LAPACK call per program, see `icl_gd.linalg`), reused for every run
     of the same task and shapes."""
     predict = functools.partial(ref.predict, task, params)
     return metrics.evaluate(predict, batch.queries, batch.context, sensitivities=task.sensitivities)

@@ -25,7 +25,7 @@ import numpy as np
 
 from icl_gd import metrics, references
 from icl_gd import tasks as tasks_lib
-from icl_gd.references.linalg import spd_solve
+from icl_gd.linalg import spd_solve
 from icl_gd.tasks import Tasks
 
 FLOOR = 1e-6  # normalised discrepancies below this (0.1% RMS of the model's predictions) count as zero

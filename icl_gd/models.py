@@ -232,6 +232,24 @@ def forward(
     return jnp.concatenate([early_KxPxO, read(last)[None]])
 
 
+def residual_stream(arch: Architecture, weights: Weights, tokens_TxD: jax.Array) -> jax.Array:
+    """Every token's representation after the embedding (index 0) and after each layer `k`
+    (index `k`), `[K+1, T, W]` (`W`: the model's width): what probes read (docs/science.md section 8)."""
+    tokens_TxD = embed(arch, weights, tokens_TxD)
+    if weights.copy is not None:
+        tokens_TxD = copy_layer(weights.copy, tokens_TxD)
+    n_sets = weights.layers.attn.w_kq.shape[0]
+    everywhere = tuple(range(arch.layout.length))
+
+    def body(tokens, i):
+        w = jax.tree_util.tree_map(lambda a: a[i if n_sets > 1 else 0], weights.layers)
+        tokens = layer_at(arch, w, tokens, everywhere)
+        return tokens, tokens
+
+    _, after_KxTxW = jax.lax.scan(body, tokens_TxD, jnp.arange(arch.layers))
+    return jnp.concatenate([tokens_TxD[None], after_KxTxW])
+
+
 def predict_batch(arch: Architecture, weights: Weights, tokens_BxTxD: jax.Array) -> jax.Array:
     """`forward` over a batch of sequences: `[B, K, P, O]`."""
     return jax.vmap(forward, in_axes=(None, None, 0))(arch, weights, tokens_BxTxD)
@@ -360,6 +378,11 @@ class Model(NamedTuple):
     def predict(self, params: nnx.State, tokens_BxTxD: jax.Array) -> jax.Array:
         """Readouts `[B, K, P, O]`."""
         return predict_batch(self.arch, self.weights(params), tokens_BxTxD)
+
+    def residuals(self, params: nnx.State, tokens_BxTxD: jax.Array) -> jax.Array:
+        """`residual_stream` over a batch of sequences: `[B, K+1, T, W]`."""
+        weights = self.weights(params)
+        return jax.vmap(lambda tokens: residual_stream(self.arch, weights, tokens))(tokens_BxTxD)
 
     def module(self, params: nnx.State) -> Transformer:
         return nnx.merge(self.graphdef, params)

@@ -3,7 +3,7 @@ protocol, `regression` the GD / GD++ / OLS / ridge references of regression task
 numerics, re-exported here), `lds` the per-position references of linear dynamical systems."""
 
 from icl_gd.references import lds, regression  # noqa: F401  (registers the references)
-from icl_gd.references.linalg import spd_solve
+from icl_gd.linalg import spd_solve
 from icl_gd.references.registry import REGISTRY, FitContext, Reference, analytic, for_task, register
 from icl_gd.references.regression import (
     GDPP,

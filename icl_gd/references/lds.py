@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from icl_gd.references.linalg import spd_solve
+from icl_gd.linalg import spd_solve
 from icl_gd.references.registry import Reference, register
 
 LINE_SEARCH_CHUNK = 1024  # sequences per chunk of the line search (bounds its memory)
