@@ -29,7 +29,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from icl_gd import explain as explain_lib
-from icl_gd import metrics, models, plots, references, runs, tasks
+from icl_gd import fewshot, metrics, models, plots, probing, references, runs, tasks
 from icl_gd.config import ConfigError
 
 
@@ -540,8 +540,13 @@ def depth_extrapolation(trained: runs.Trained) -> dict:
     @jax.jit
     def model_eval(seed_params):
         weights = trained.model.weights(seed_params)
-        attn = weights.layers.attn
-        damped = weights._replace(layers=weights.layers._replace(attn=attn._replace(w_pv=damping * attn.w_pv)))
+        attn = weights.layers.attn  # each layer's update is scaled by its output factor
+        attn = (
+            attn._replace(w_pv=damping * attn.w_pv)
+            if isinstance(attn, models.Attention)
+            else attn._replace(w_p=damping * attn.w_p)
+        )
+        damped = weights._replace(layers=weights.layers._replace(attn=attn))
         return metrics.evaluate_tasks(functools.partial(models.regression_readout, arch, damped, task), t)
 
     gd_eval = jax.jit(lambda t: metrics.evaluate_tasks(lambda x, y, q: references.gd_direct(x, y, q, gd_etas), t))(t)
@@ -582,4 +587,239 @@ def depth_extrapolation(trained: runs.Trained) -> dict:
         "at": {str(k): {name: float(mean.loc[k, name]) for name in names} for k in at},
         "best_iterations": int(cast(int, mean["loss"].idxmin())),  # a label of the index: iterations
         "best_loss": float(cast(float, mean["loss"].min())),
+    }
+
+
+# Few-shot transfer (docs/science.md section 8): a model trained on dynamical systems, shown regression pairs.
+FEWSHOT_AT = (1, 5)  # pairs seen before the prediction, reported with the most that fit
+FEWSHOT_FILES = ("fewshot.json", "fewshot.csv", "loss_by_pairs.png", "loss_by_pairs.pdf")
+
+
+def _fewshot_applies(cfg: DictConfig) -> str | None:
+    error = _kind("fewshot", ("lds",))(cfg)
+    if error is not None or int(cfg.eval.fewshot_tune_steps) == 0:
+        return error
+    prefix, length = int(cfg.eval.fewshot_prefix), int(cfg.task.length)
+    if fewshot.max_pairs(length, prefix) >= 1:
+        return None
+    allowed = f"at most task.length - 3 = {length - 3} (one pair and its separator must fit)"
+    return f"eval.fewshot_prefix: got {prefix}; allowed: {allowed}"
+
+
+@register(
+    "fewshot",
+    files=tuple(f"analyses/fewshot/{f}" for f in FEWSHOT_FILES),
+    applies=_fewshot_applies,
+)
+def fewshot_transfer(trained: runs.Trained) -> dict:
+    """Loss of every seed's model on `y_i` by pairs seen, on `eval.fewshot_tasks` regression
+    sequences `x_1, y_1, x_2, y_2, ...` (as many pairs as fit `task.length`), against ridge least
+    squares (`task.ridge_lambda`) on the pairs seen and the zero predictor; with
+    `eval.fewshot_tune_steps > 0`, also after tuning a separator and `eval.fewshot_prefix` prefix
+    states with the model frozen (same pairs, fewer fit)."""
+    cfg, ev, task = trained.cfg, trained.cfg.eval, cast(tasks.lds.LinearDynamics, trained.task)
+    length, dim, steps = task.length, task.state_dim, int(ev.fewshot_tune_steps)
+    pairs = fewshot.draw_pairs(_eval_key(cfg, 5), int(ev.fewshot_tasks), dim, fewshot.max_pairs(length))
+    least = fewshot.pair_losses(jax.jit(fewshot.least_squares)(pairs.x, pairs.y, task.ridge_lambda), pairs.y)
+    zero = fewshot.pair_losses(jnp.zeros_like(pairs.y), pairs.y)
+    k_init, k_tune = jax.random.split(_eval_key(cfg, 6))
+    prompt = fewshot.init_prompt(k_init, dim, int(ev.fewshot_prefix))
+
+    def per_seed(params):
+        predict = lambda states: trained.model.predict(params, task.batch(states).tokens)[:, -1]
+        out = {"model": fewshot.model_curve(predict, pairs, length)}
+        if steps:
+            batch, lr = int(ev.fewshot_batch), float(ev.fewshot_lr)
+            tuned, trace = fewshot.tune(predict, prompt, k_tune, length=length, steps=steps, batch=batch, lr=lr)
+            out |= {"tuned": fewshot.model_curve(predict, pairs, length, tuned), "trace": trace}
+        return out
+
+    per = jax.device_get(jax.jit(jax.vmap(per_seed))(trained.params))
+    least, zero = np.asarray(least), np.asarray(zero)
+    seeds, n_tuned = range(int(cfg.train.seeds)), per["tuned"].shape[1] if steps else 0
+    rows = [
+        {
+            "pairs": k,
+            **{f"model_seed{s}": float(per["model"][s, k]) for s in seeds},
+            "least_squares": float(least[k]),
+            "zero": float(zero[k]),
+            **({f"tuned_seed{s}": float(per["tuned"][s, k]) if k < n_tuned else None for s in seeds} if steps else {}),
+        }
+        for k in range(len(least))
+    ]
+    out = output_dir(trained.run_dir, "fewshot")
+    _table(out, "fewshot", rows)
+    curves = {name: metrics.mean_ci95(per[name]) for name in ("model", "tuned") if name in per}
+    title = f"{plots.run_title(trained.summary)}: few-shot regression, {len(seeds)} seed(s)"
+    plots.fewshot_curves(curves, least, zero, title, out / "loss_by_pairs")
+    last = len(least) - 1
+    at = {
+        str(k): {
+            "model": metrics.mean_ci95(per["model"][:, k]),
+            "least_squares": float(least[k]),
+            "zero": float(zero[k]),
+            **({"tuned": metrics.mean_ci95(per["tuned"][:, k])} if k < n_tuned else {}),
+        }
+        for k in sorted({k for k in FEWSHOT_AT if k < last} | {last})
+    }
+    result = {
+        "pairs": last + 1,
+        "x_law": "uniform(-1, 1)",
+        "noise_std": fewshot.NOISE_STD,
+        "ridge_lambda": task.ridge_lambda,
+        "model": curves["model"],
+        "least_squares": least,
+        "zero": zero,
+        "at": at,
+    }
+    if steps:
+        result["tuned"] = curves["tuned"]
+        result["tuning"] = {
+            "steps": steps,
+            "prefix": int(ev.fewshot_prefix),
+            "pairs": n_tuned,
+            # Each step's loss is on a fresh batch: averaged over the first and last tenth of the steps.
+            "loss_first_tenth": metrics.mean_ci95(per["trace"][:, : max(1, steps // 10)].mean(1)),
+            "loss_last_tenth": metrics.mean_ci95(per["trace"][:, -max(1, steps // 10) :].mean(1)),
+        }
+    tuned_mean = curves["tuned"]["mean"] if steps else None
+    result["finding"] = fewshot.finding(curves["model"]["mean"], least.tolist(), zero.tolist(), tuned_mean)
+    return result
+
+
+# Linear probes of the residual stream (docs/science.md section 8).
+PROBE_FIGURES = ("r2_by_layer", "r2_by_position")
+
+
+def _probe_scores(
+    trained: runs.Trained, states: jax.Array, targets: dict[str, jax.Array], layers: slice
+) -> dict[str, probing.Scores]:
+    """Probes of each seed's residual stream (the indices `layers`) at every position, fitted on the
+    first half of the sequences `states` (`[2n, T+1, D]`, targets `[2n, T, D]`) and scored on the
+    second: `Scores` `[S, L, T]`. Seed by seed (one residual stream in memory), one compiled program."""
+    n = states.shape[0] // 2
+    first, second = slice(None, n), slice(n, None)
+    part = lambda tree, rows: jax.tree_util.tree_map(lambda a: a[rows], tree)
+
+    @jax.jit
+    def per_seed(params, tokens, targets):
+        res = trained.model.residuals(params, tokens)[:, layers]
+        return probing.probe_grid(res[first], part(targets, first), res[second], part(targets, second))
+
+    tokens = cast(tasks.lds.LinearDynamics, trained.task).batch(states).tokens
+    per = [jax.device_get(per_seed(trained.seed(s), tokens, targets)) for s in range(int(trained.cfg.train.seeds))]
+    return {name: probing.Scores(*(np.stack([p[name][i] for p in per]) for i in range(2))) for name in targets}
+
+
+def _over_positions(values_SxLxT: np.ndarray) -> np.ndarray:
+    """Mean over the positions where the target varies (R^2 is NaN elsewhere): `[S, L]`."""
+    return np.nanmean(values_SxLxT, -1)
+
+
+@register(
+    "probes",
+    files=tuple(
+        f"analyses/probes/{f}"
+        for f in ("probes.json", "probes.csv", *(f"{fig}.{s}" for fig in PROBE_FIGURES for s in ("png", "pdf")))
+    ),
+    applies=_kind("probes", ("lds",)),
+)
+def probes(trained: runs.Trained) -> dict:
+    """Linear probes (`icl_gd.probing`) of the residual stream after the embedding (layer 0) and
+    after each layer, at every position, for `s_t`, `s_{t-1}`, `s_{t+1}`, the preconditioned input
+    and a control (`probing.lds_targets`), fitted on `eval.probe_tasks` sequences and scored on as
+    many held-out ones (docs/science.md section 8). Summary: R^2 and MSE by layer, averaged over
+    positions, per seed with mean and 95% interval; probes.json and probes.csv by position too."""
+    cfg, task = trained.cfg, cast(tasks.lds.LinearDynamics, trained.task)
+    n = int(cfg.eval.probe_tasks)
+    states = task.states(_eval_key(cfg, 3), 2 * n)
+    control = task.states(_eval_key(cfg, 4), 2 * n)  # independent sequences: the control target
+    scores = _probe_scores(trained, states, probing.lds_targets(states, control, task.ridge_lambda), slice(None))
+    n_seeds, n_layers, length = scores["s_t"].r2.shape
+    out = output_dir(trained.run_dir, "probes")
+    runs.write_json(
+        out / "probes.json",
+        {
+            "layers": list(range(n_layers)),
+            "positions": list(range(1, length + 1)),
+            "fit_tasks": n,
+            "held_out_tasks": n,
+            **{
+                metric: {
+                    name: {"mean": getattr(sc, metric).mean(0), "per_seed": getattr(sc, metric)}
+                    for name, sc in scores.items()
+                }
+                for metric in probing.Scores._fields
+            },
+        },
+    )
+    rows = [
+        {"seed": s, "target": name, "layer": k, "position": t + 1, "r2": sc.r2[s, k, t], "mse": sc.mse[s, k, t]}
+        for name, sc in scores.items()
+        for s in range(n_seeds)
+        for k in range(n_layers)
+        for t in range(length)
+    ]
+    pd.DataFrame(rows).to_csv(out / "probes.csv", index=False)
+    by_layer = {
+        metric: {name: metrics.mean_ci95(_over_positions(getattr(sc, metric))) for name, sc in scores.items()}
+        for metric in probing.Scores._fields
+    }
+    title = f"{plots.run_title(trained.summary)}: linear probes, {n} fit / {n} held-out sequences, {n_seeds} seed(s)"
+    labels = probing.TARGET_LABELS
+    plots.probe_r2_by_layer(by_layer["r2"], labels, title, out / "r2_by_layer")
+    plots.probe_r2_by_position(
+        {name: np.mean(sc.r2, 0) for name, sc in scores.items()}, labels, title, out / "r2_by_position"
+    )
+    return {"targets": labels, "r2_by_layer": by_layer["r2"], "mse_by_layer": by_layer["mse"]}
+
+
+def _first_layer_applies(cfg: DictConfig) -> str | None:
+    error = _kind("first_layer", ("lds",))(cfg)
+    if error is None and cfg.eval.probe_lags >= cfg.task.length:
+        allowed = f"an integer in [1, task.length - 1 = {cfg.task.length - 1}] for the first_layer analysis"
+        return f"eval.probe_lags: got {cfg.eval.probe_lags}; allowed: {allowed}"
+    return error
+
+
+@register(
+    "first_layer",
+    files=tuple(
+        f"analyses/first_layer/{f}" for f in ("first_layer.csv", "first_layer.json", "r2_by_lag.png", "r2_by_lag.pdf")
+    ),
+    applies=_first_layer_applies,
+)
+def first_layer(trained: runs.Trained) -> dict:
+    """Which past states `s_{t-k}`, `k = 0..eval.probe_lags`, a linear probe reads from the residual
+    stream before the first layer (index 0) and after it (index 1): held-out R^2 averaged over the
+    positions `t > k`, probes as in `probes` (docs/science.md section 8; the follow-up found that a
+    softmax first layer on raw states builds the pair `(s_t, s_{t-1})`). `finding` says whether the
+    pair is there from the start or built by the first layer, from the numbers."""
+    cfg = trained.cfg
+    n, lags = int(cfg.eval.probe_tasks), range(int(cfg.eval.probe_lags) + 1)
+    states = cast(tasks.lds.LinearDynamics, trained.task).states(_eval_key(cfg, 3), 2 * n)
+    scores = _probe_scores(trained, states, {f"lag{k}": probing.lagged(states, k) for k in lags}, slice(0, 2))
+    r2_SxIxK, mse_SxIxK = (
+        np.stack([_over_positions(getattr(scores[f"lag{k}"], m)) for k in lags], -1) for m in probing.Scores._fields
+    )
+    before, after = metrics.mean_ci95(r2_SxIxK[:, 0]), metrics.mean_ci95(r2_SxIxK[:, 1])
+    finding = probing.first_layer_finding(np.asarray(before["mean"]), np.asarray(after["mean"]))
+    rows = [
+        {"seed": s, "residual": i, "lag": k, "r2": float(r2_SxIxK[s, i, k]), "mse": float(mse_SxIxK[s, i, k])}
+        for s in range(r2_SxIxK.shape[0])
+        for i in range(2)
+        for k in lags
+    ]
+    out = output_dir(trained.run_dir, "first_layer")
+    _table(out, "first_layer", rows)
+    title = f"{plots.run_title(trained.summary)}: {finding}"
+    plots.r2_by_lag(before, after, probing.READABLE_R2, title, out / "r2_by_lag")
+    return {
+        "lags": list(lags),
+        "r2_before": before,
+        "r2_after": after,
+        "readable_r2": probing.READABLE_R2,
+        "readable_before": probing.readable(np.asarray(before["mean"])),
+        "readable_after": probing.readable(np.asarray(after["mean"])),
+        "finding": finding,
     }

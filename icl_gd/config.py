@@ -53,6 +53,22 @@ class Attention(enum.Enum):
 
     linear = enum.auto()
     softmax = enum.auto()
+    mesa = enum.auto()
+
+
+class MesaImpl(enum.Enum):
+    """The mesa-layer's causal ridge solves (docs/science.md section 3): a Sherman-Morrison
+    recursion under `lax.scan` with a backward pass linear in memory, or a batched solve per position."""
+
+    scan = enum.auto()
+    solve = enum.auto()
+
+
+class SequenceTokens(enum.Enum):
+    """Sequence-task tokens (docs/science.md section 8): `(0, s_t, s_t, s_{t-1})`, or the state alone."""
+
+    constructed = enum.auto()
+    raw = enum.auto()
 
 
 class LdsVariant(enum.Enum):
@@ -107,6 +123,7 @@ class LdsTaskConfig:
     contracting_max: float = 0.9  # `contracting` only: eigenvalues drawn in [0.3, max], one equal to max
     transition_seed: int = 0  # `fixed` only: the one transition shared by every sequence
     ridge_lambda: float = 1e-3  # the online ridge reference's penalty
+    tokens: SequenceTokens = SequenceTokens.constructed
 
 
 TASK_SCHEMAS: dict[str, type] = {"linear": LinearTaskConfig, "sine": SineTaskConfig, "lds": LdsTaskConfig}
@@ -129,6 +146,11 @@ class ModelConfig:
     input_mlp_features: int = 10
     clip_activations: float | None = None
     positional: bool = False
+    key_size: int | None = None  # None: the model's width
+    embed_dim: int | None = None  # None: the tokens as they are; else input / output projections of this width
+    first_layer: Attention | None = None  # a first layer of its own, of this kind, keys and queries seeing positions
+    mesa_impl: MesaImpl = MesaImpl.scan
+    mesa_lambda: float = 1.0  # the mesa-layer's initial lambda (learned per layer and head)
 
 
 @dataclass
@@ -161,6 +183,14 @@ class EvalConfig:
     gdpp_lr: float = 0.05  # relative: steps of any size move by the same factor
     extrapolate_to: int = 50  # depth_extrapolation: iterations of a trained recurrent layer
     damping: float = 1.0  # depth_extrapolation: each iteration's update is scaled by this
+    sensitivity_tasks: int = 256  # sequence tasks: sequences of the eval set for model cos by position (at the end)
+    probe_tasks: int = 4096  # probes, first_layer: sequences to fit each probe on (and as many held out)
+    probe_lags: int = 6  # first_layer: past states s_{t-k}, k = 0..probe_lags, probed
+    fewshot_tasks: int = 2048  # fewshot: regression sequences evaluated (docs/science.md section 8)
+    fewshot_tune_steps: int = 0  # fewshot: Adam steps tuning a separator (and prefix), model frozen; 0: off
+    fewshot_prefix: int = 0  # fewshot: learned prefix states (tuned with the separator)
+    fewshot_lr: float = 0.01  # fewshot: Adam's learning rate for the separator and prefix
+    fewshot_batch: int = 256  # fewshot: fresh regression sequences per tuning step
 
 
 @dataclass
@@ -321,6 +351,11 @@ def validate(cfg: DictConfig) -> None:
     TASK_VALIDATORS[cfg.task.kind](cfg.task)
     _require(m.layers >= 1, "model.layers", "an integer >= 1", m.layers)
     _require(m.heads >= 1, "model.heads", "an integer >= 1", m.heads)
+    _require(m.key_size is None or m.key_size >= 1, "model.key_size", "null or an integer >= 1", m.key_size)
+    _require(m.embed_dim is None or m.embed_dim >= 1, "model.embed_dim", "null or an integer >= 1", m.embed_dim)
+    if m.first_layer is not None:
+        _require(m.layers >= 2, "model.layers", "an integer >= 2 with model.first_layer set", m.layers)
+    _require(_positive(m.mesa_lambda), "model.mesa_lambda", "a number > 0", m.mesa_lambda)
     init = m.init_scale
     _require(init is None or init > 0, "model.init_scale", "null (0.002 / layers) or a number > 0", init)
     _require(m.mlp_width >= 1, "model.mlp_width", "an integer >= 1", m.mlp_width)
@@ -346,6 +381,16 @@ def validate(cfg: DictConfig) -> None:
     _require(ev.gdpp_lr > 0, "eval.gdpp_lr", "a number > 0", ev.gdpp_lr)
     _require(ev.extrapolate_to >= 1, "eval.extrapolate_to", "an integer >= 1", ev.extrapolate_to)
     _require(0 < ev.damping <= 1, "eval.damping", "a number in (0, 1]", ev.damping)
+    _require(ev.sensitivity_tasks >= 1, "eval.sensitivity_tasks", "an integer >= 1", ev.sensitivity_tasks)
+    _require(ev.probe_tasks >= 2, "eval.probe_tasks", "an integer >= 2", ev.probe_tasks)
+    _require(ev.probe_lags >= 1, "eval.probe_lags", "an integer >= 1", ev.probe_lags)
+    _require(ev.fewshot_tasks >= 1, "eval.fewshot_tasks", "an integer >= 1", ev.fewshot_tasks)
+    _require(ev.fewshot_tune_steps >= 0, "eval.fewshot_tune_steps", "an integer >= 0 (0: off)", ev.fewshot_tune_steps)
+    prefix_ok = ev.fewshot_prefix == 0 or (ev.fewshot_prefix > 0 and ev.fewshot_tune_steps > 0)
+    prefix_allowed = "an integer >= 0; 0 unless eval.fewshot_tune_steps > 0"
+    _require(prefix_ok, "eval.fewshot_prefix", prefix_allowed, ev.fewshot_prefix)
+    _require(_positive(ev.fewshot_lr), "eval.fewshot_lr", "a number > 0", ev.fewshot_lr)
+    _require(ev.fewshot_batch >= 1, "eval.fewshot_batch", "an integer >= 1", ev.fewshot_batch)
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

@@ -47,6 +47,11 @@ def check(cfg: DictConfig) -> tasks.TaskKind:
     layout = task.layout
     if cfg.model.input_mlp and layout.input_tokens is None:
         raise config_lib.ConfigError(f"model.input_mlp: got true; allowed: false for task={task.name}")
+    if cfg.model.first_layer is not None and not layout.mask.causal:
+        raise config_lib.ConfigError(
+            f"model.first_layer: got {cfg.model.first_layer.name}; allowed: null for task={task.name} "
+            "(a first layer of its own needs a causal task: task=lds, or classic tokens)"
+        )
     return task
 
 
@@ -150,6 +155,8 @@ def interpolates(model_cfg, task: tasks.TaskKind) -> bool:
         and not model_cfg.mlp
         and not model_cfg.input_mlp
         and not model_cfg.positional
+        and model_cfg.embed_dim is None
+        and model_cfg.first_layer is None
         and not layout.copy_layer
     )
 
@@ -157,10 +164,10 @@ def interpolates(model_cfg, task: tasks.TaskKind) -> bool:
 def interpolate(weights: models.Weights, gd: models.Weights, input_dim: int) -> models.Weights:
     """Rescale `W_KQ` so that its x-block has mean diagonal 1 (the factor moves into `W_PV`),
     then average each product with the GD construction's (docs/science.md section 5)."""
-    w_kq, w_pv = weights.layers.attn
+    w_kq, w_pv = cast(models.Attention, weights.layers.attn)  # interpolates(): linear attention
     scale = jnp.mean(jnp.diagonal(w_kq[..., :input_dim, :input_dim], axis1=-2, axis2=-1), axis=-1)[..., None, None]
     n = w_kq.shape[0]
-    gd_kq, gd_pv = gd.layers.attn
+    gd_kq, gd_pv = cast(models.Attention, gd.layers.attn)
     return models.lsa(0.5 * (w_kq / scale + gd_kq[:n]), 0.5 * (w_pv * scale + gd_pv[:n]))
 
 
@@ -196,6 +203,37 @@ def make_evaluator(model: models.Model, cfg: DictConfig, refs: References):
 
     compiled = jax.jit(jax.vmap(evaluate, in_axes=(0, None, None, None)))
     return lambda params: compiled(params, refs.eval_batch, refs.evals, gd_weights)
+
+
+def sequence_alignment(model: models.Model, params_S, refs: References, n_sequences: int) -> dict[str, np.ndarray]:
+    """Sequence tasks, at the end of a run: the model's alignment with each reference at every
+    position (final readout), from the sensitivities of the prediction at `t` to the last state
+    `s_t` (`metrics.last_input_sensitivities`) on the first `n_sequences` of the evaluation set:
+    `{f"{metric}{suffix}": [S, P]}` for `model_cos`, `model_diff`, `preds_diff`."""
+    task = refs.task
+    states = refs.eval_batch.context[:n_sequences]
+
+    def model_predict(weights):
+        return lambda st: models.forward(model.arch, weights, task.batch(st[None]).tokens[0])
+
+    @jax.jit
+    def evaluate(params_S, states):
+        return jax.vmap(lambda p: metrics.last_input_sensitivities(model_predict(model.weights(p)), states))(params_S)
+
+    model_ev = evaluate(params_S, states)
+    out = {}
+    for ref in refs.fitted:
+        predict = functools.partial(_reference_on_states, task, ref, refs.params[ref.name])
+        ref_ev = jax.jit(metrics.last_input_sensitivities, static_argnums=0)(predict, states)
+        last = lambda ev: metrics.Evaluation(ev.preds[:, -1:], None if ev.sens is None else ev.sens[:, -1:])
+        aligned = jax.vmap(lambda ev: metrics.alignment(last(ev), last(ref_ev), by_position=True))(model_ev)
+        out.update({f"{m}{suffix(task, ref.name)}": np.asarray(v[:, -1]) for m, v in aligned.items()})
+    return out
+
+
+def _reference_on_states(task: tasks.TaskKind, ref: references.Reference, params, states_Tp1xD: jax.Array) -> jax.Array:
+    """A sequence reference's readouts `[K, P, O]` as a function of the states alone (queries `s_1..s_T`)."""
+    return ref.predict(task, params, states_Tp1xD[:-1], states_Tp1xD)
 
 
 def metric_rows(step: int, evaluated: dict, refs: References, layers: int) -> list[dict]:
@@ -389,9 +427,14 @@ def _loop(
             stop.received,
         )
 
+    final = final_summary(rows, last_eval, task)
+    if task.sequence_sensitivities:
+        aligned = sequence_alignment(model, params, refs, int(cfg.eval.sensitivity_tasks))
+        final.update({name: metrics.mean_ci95(v.mean(-1)) for name, v in aligned.items() if name.startswith("model_")})
+        summary["alignment_by_position"] = {name: metrics.mean_ci95(v) for name, v in aligned.items()}
     summary.update(
         status="completed",
-        final=final_summary(rows, last_eval, task),
+        final=final,
         per_layer=per_layer_summary(rows, task, layers),
         wall_time_s=wall(),
     )

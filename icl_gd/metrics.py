@@ -49,6 +49,28 @@ def evaluate(predict: Predictor, queries_BxPxd: jax.Array, *per_task, sensitivit
     return Evaluation(preds, sens)
 
 
+def last_input_sensitivities(
+    predict: Callable[[jax.Array], jax.Array], states_BxTp1xD: jax.Array, chunk: int = 16
+) -> Evaluation:
+    """Sequence tasks (docs/science.md sections 5 and 8): the predictions `[B, K, P, O]` of
+    `predict(states_Tp1xD) -> [K, P, O]` (position `p` predicts `s_{p+1}` from `s_1..s_p`) and the
+    Jacobian of each with respect to the last state it saw, `s_p`, in every place it enters
+    (`[B, K, P, O, D]`). One forward-mode pass per position and coordinate, so this is for a
+    subset of sequences, `chunk` at a time."""
+
+    def one(states_Tp1xD):
+        preds_KxPxO = predict(states_Tp1xD)
+
+        def at(p):
+            return jax.jacfwd(lambda s: predict(states_Tp1xD.at[p].set(s))[:, p])(states_Tp1xD[p])
+
+        sens_PxKxOxD = jax.lax.map(at, jnp.arange(preds_KxPxO.shape[1]))
+        return preds_KxPxO, jnp.moveaxis(sens_PxKxOxD, 0, 1)
+
+    preds, sens = jax.lax.map(one, states_BxTp1xD, batch_size=chunk)
+    return Evaluation(preds, sens)
+
+
 def regression(predict_xyq: Callable[..., jax.Array]) -> Predictor:
     """A regression predictor `(x_Nxd, y_N, xq_d, *extra) -> y_hat_K` as a `Predictor` over the
     query `[1, d]` and the task (`evaluate(regression(f), t.xq[:, None], t, *extra)`)."""

@@ -12,6 +12,7 @@ and head, plus optional LayerNorm, MLP, input-MLP and copy-layer parameters. A `
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, cast
@@ -39,18 +40,14 @@ class MLP(NamedTuple):
     b2: jax.Array
 
 
-class Attention(NamedTuple):
-    """One attention layer's products per head: `w_kq = W_K^T W_Q`, `w_pv = W_P W_V`, `[H, D, D]`
-    (with a leading layer axis when stacked)."""
-
-    w_kq: jax.Array
-    w_pv: jax.Array
+Attention = attention.Products  # linear and softmax layers as the GD constructions write them
 
 
 class Layers(NamedTuple):
-    """Layer weights stacked on a leading axis of length `K` (separate weights) or 1 (tied)."""
+    """Layer weights stacked on a leading axis of length `K` (separate weights) or 1 (tied); the
+    attention in the form its kind reads (`attention.Products` or `attention.Projections`)."""
 
-    attn: Attention
+    attn: Attention | attention.Projections
     ln_attn: LayerNorm | None = None
     ln_mlp: LayerNorm | None = None
     mlp: MLP | None = None
@@ -62,6 +59,9 @@ class Weights(NamedTuple):
     layers: Layers
     embed: MLP | None = None  # the input MLP, on the query slot of input tokens
     copy: Attention | None = None  # classic tokens: a causal softmax layer first, `[H, D, D]`
+    first: Layers | None = None  # `model.first_layer`: a first layer of its own (no layer axis)
+    project_in: jax.Array | None = None  # `model.embed_dim`: tokens `[D_tok]` -> model width `[E]`
+    project_out: jax.Array | None = None  # `model.embed_dim`: model width -> prediction, `[E, O]`
 
 
 def lsa(w_kq: jax.Array, w_pv: jax.Array) -> Weights:
@@ -79,6 +79,9 @@ class Architecture:
     clip_activations: float | None = None
     input_mlp: bool = False
     positional: bool = False
+    first_layer: str | None = None  # the attention kind of a first layer of its own
+    mesa_impl: str = "scan"
+    embed_dim: int | None = None
 
     @classmethod
     def from_config(cls, model_cfg, layout: Layout) -> Architecture:
@@ -89,15 +92,28 @@ class Architecture:
             clip_activations=model_cfg.clip_activations,
             input_mlp=bool(model_cfg.input_mlp),
             positional=bool(model_cfg.positional),
+            first_layer=None if model_cfg.first_layer is None else model_cfg.first_layer.name,
+            mesa_impl=model_cfg.mesa_impl.name,
+            embed_dim=None if model_cfg.embed_dim is None else int(model_cfg.embed_dim),
         )
+
+    @property
+    def stacked(self) -> int:
+        """Layers in the stack (all but a first layer of its own)."""
+        return self.layers - (self.first_layer is not None)
 
     def deeper(self, layers: int) -> Architecture:
         return dataclasses.replace(self, layers=layers)
 
-    def width(self, features: int) -> int:
-        """Token width inside the model, with `features` input-MLP features (when it has one)."""
+    def token_width(self, features: int) -> int:
+        """Width of the tokens the model reads, with `features` input-MLP features (when it has
+        one) and one-hot positions (when it has them)."""
         extra = features - self.layout.input_dim if self.input_mlp else 0
         return self.layout.width + extra + (self.layout.length if self.positional else 0)
+
+    def width(self, features: int) -> int:
+        """Token width inside the model: `embed_dim` when the tokens are projected, else the tokens'."""
+        return self.embed_dim if self.embed_dim is not None else self.token_width(features)
 
     def readout(self, weights: Weights) -> int:
         """Index of the first readout coordinate inside the model (after the input MLP's features)."""
@@ -133,20 +149,42 @@ def embed(
         rows_RxD = jnp.concatenate([rows_RxD[:, :start], features, rows_RxD[:, stop:]], axis=-1)
     if arch.positional:
         rows_RxD = jnp.concatenate([rows_RxD, jnp.eye(layout.length, dtype=rows_RxD.dtype)[where]], axis=-1)
+    if weights.project_in is not None:
+        rows_RxD = rows_RxD @ weights.project_in
     return rows_RxD
 
 
+def sinusoidal(length: int, dim: int) -> np.ndarray:
+    """Sinusoidal position encodings `[length, dim]` (Vaswani et al. 2017): `sin` on even and `cos`
+    on odd coordinates, frequencies `10000^(-2i / dim)`."""
+    angles = np.arange(length)[:, None] * np.exp(np.arange(0, dim, 2) * (-np.log(10000.0) / dim))[None, :]
+    pe = np.zeros((length, dim), np.float32)
+    pe[:, 0::2] = np.sin(angles)
+    pe[:, 1::2] = np.cos(angles)[:, : dim // 2]
+    return pe
+
+
 def layer(
-    arch: Architecture, w: Layers, queries_MxD: jax.Array, keys_NxD: jax.Array, visible_NxM: jax.Array | None = None
+    arch: Architecture,
+    w: Layers,
+    queries_MxD: jax.Array,
+    keys_NxD: jax.Array,
+    visible_NxM: jax.Array | None = None,
+    kind: str | None = None,
+    pe: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-    """One block's output for the query tokens: attention to the key tokens (pre-LN on both when the
-    weights have LayerNorms), then the MLP, each with a residual connection, then the activation clip."""
+    """One block's output for the query tokens: attention of kind `kind` (default: the model's) to
+    the key tokens (pre-LN on both when the weights have LayerNorms; `pe`: position encodings of
+    the keys and of the queries, appended to both for the scores only), then the MLP, each with a
+    residual connection, then the activation clip."""
     ln = w.ln_attn
     norm = (lambda z: z) if ln is None else (lambda z: _layer_norm(z, ln))
-    update = attention.REGISTRY[arch.attention](
-        norm(keys_NxD), norm(queries_MxD), w.attn.w_kq, w.attn.w_pv, visible_NxM
-    )
-    out = queries_MxD + update
+    keys, queries = norm(keys_NxD), norm(queries_MxD)
+    values = keys
+    if pe is not None:
+        keys, queries = jnp.concatenate([keys, pe[0]], -1), jnp.concatenate([queries, pe[1]], -1)
+    apply = attention.REGISTRY[kind or arch.attention].function(arch.mesa_impl)
+    out = queries_MxD + apply(keys, values, queries, w.attn, visible_NxM)
     if w.mlp is not None:
         out = out + mlp(out if w.ln_mlp is None else _layer_norm(out, w.ln_mlp), w.mlp)
     if arch.clip_activations is not None:
@@ -154,10 +192,32 @@ def layer(
     return out
 
 
-def layer_at(arch: Architecture, w: Layers, tokens_TxD: jax.Array, positions: tuple[int, ...]) -> jax.Array:
-    """`layer` for the tokens at `positions` of a sequence, with the keys the task's mask allows."""
-    keys, visible = attention.keys_and_visibility(tokens_TxD, positions, arch.layout.mask)
-    return layer(arch, w, attention.take(tokens_TxD, positions), keys, visible)
+def layer_at(
+    arch: Architecture,
+    w: Layers,
+    tokens_TxD: jax.Array,
+    positions: tuple[int, ...],
+    kind: str | None = None,
+    pe_TxP: jax.Array | None = None,
+) -> jax.Array:
+    """`layer` for the tokens at `positions` of a sequence, with the keys the task's mask allows
+    (all tokens, then `positions` taken, for a kind that computes a causal sequence at once)."""
+    mask, kind = arch.layout.mask, kind or arch.attention
+    everywhere = tuple(range(tokens_TxD.shape[0]))
+    if attention.REGISTRY[kind].whole_sequence and mask.causal and positions != everywhere:
+        return attention.take(layer_at(arch, w, tokens_TxD, everywhere, kind, pe_TxP), positions)
+    keys, visible = attention.keys_and_visibility(tokens_TxD, positions, mask)
+    pe = None if pe_TxP is None else (pe_TxP[: keys.shape[0]], attention.take(pe_TxP, positions))
+    return layer(arch, w, attention.take(tokens_TxD, positions), keys, visible, kind, pe)
+
+
+def first_layer(arch: Architecture, weights: Weights, tokens_TxD: jax.Array) -> jax.Array:
+    """The first layer of its own (`model.first_layer`) over the whole sequence, its keys and
+    queries seeing sinusoidal position encodings of the model's width (the follow-up's full-fledged
+    models, docs/science.md section 8)."""
+    assert weights.first is not None and arch.first_layer is not None
+    pe = jnp.asarray(sinusoidal(tokens_TxD.shape[0], tokens_TxD.shape[-1]), tokens_TxD.dtype)
+    return layer_at(arch, weights.first, tokens_TxD, tuple(range(tokens_TxD.shape[0])), arch.first_layer, pe)
 
 
 def copy_layer(copy: Attention, tokens_TxD: jax.Array) -> jax.Array:
@@ -165,14 +225,27 @@ def copy_layer(copy: Attention, tokens_TxD: jax.Array) -> jax.Array:
     attends to the tokens i <= j), with a residual connection."""
     everywhere = tuple(range(tokens_TxD.shape[0]))
     visible = jnp.asarray(Mask(causal=True).visible(tokens_TxD.shape[0], everywhere))
-    return tokens_TxD + attention.softmax(tokens_TxD, tokens_TxD, copy.w_kq, copy.w_pv, visible)
+    return tokens_TxD + attention.softmax(tokens_TxD, tokens_TxD, tokens_TxD, copy, visible)
 
 
 def _separable(arch: Architecture, weights: Weights) -> bool:
     """Whether the key tokens never depend on the scored ones: keys from a context prefix that
     holds no scored position, and no copy layer (regression tasks)."""
     mask, scored = arch.layout.mask, arch.layout.scored
-    return not mask.causal and min(scored) >= mask.n_keys and weights.copy is None
+    return not mask.causal and min(scored) >= mask.n_keys and weights.copy is None and weights.first is None
+
+
+def _stack_size(weights: Weights) -> int:
+    return jax.tree_util.tree_leaves(weights.layers.attn)[0].shape[0]
+
+
+def _reader(arch: Architecture, weights: Weights) -> Callable[[jax.Array], jax.Array]:
+    """Tokens `[M, W]` -> predictions `[M, O]`: the output projection, or the task's readout slot."""
+    project_out = weights.project_out
+    if project_out is not None:
+        return lambda t: t @ project_out
+    layout, start = arch.layout, arch.readout(weights)
+    return lambda t: layout.readout_sign * t[:, start : start + layout.output_dim]
 
 
 def forward(
@@ -187,14 +260,13 @@ def forward(
     carried apart, so that derivatives with respect to `queries` (sensitivities) skip the context.
     """
     layout = arch.layout
-    n_sets = weights.layers.attn.w_kq.shape[0]
-    if n_sets not in (1, arch.layers):
-        raise ValueError(f"model.layers: got {arch.layers} layers for {n_sets} weight sets; allowed: 1 or {n_sets}")
-    start = arch.readout(weights)
-    read = lambda t: layout.readout_sign * t[:, start : start + layout.output_dim]
+    n_sets, n_stacked = _stack_size(weights), arch.stacked
+    if n_sets not in (1, n_stacked):
+        raise ValueError(f"model.layers: got {n_stacked} layers for {n_sets} weight sets; allowed: 1 or {n_sets}")
+    read = _reader(arch, weights)
     at = lambda i: jax.tree_util.tree_map(lambda a: a[i], weights.layers)
     first = lambda i: at(i if n_sets > 1 else 0)
-    steps = jnp.arange(arch.layers - 1)
+    steps = jnp.arange(n_stacked - 1)
 
     if _separable(arch, weights):
         n = layout.mask.n_keys
@@ -213,7 +285,7 @@ def forward(
             return (ctx, rest), read(attention.take(rest, scored))
 
         (ctx, rest), early_KxPxO = jax.lax.scan(body_apart, (ctx, rest), steps)
-        last = layer(arch, first(arch.layers - 1), attention.take(rest, scored), ctx)
+        last = layer(arch, first(n_stacked - 1), attention.take(rest, scored), ctx)
         return jnp.concatenate([early_KxPxO, read(last)[None]])
 
     if queries_Pxd is not None:
@@ -221,6 +293,10 @@ def forward(
     tokens_TxD = embed(arch, weights, tokens_TxD)
     if weights.copy is not None:
         tokens_TxD = copy_layer(weights.copy, tokens_TxD)
+    readouts = []
+    if weights.first is not None:
+        tokens_TxD = first_layer(arch, weights, tokens_TxD)
+        readouts.append(read(attention.take(tokens_TxD, layout.scored))[None])
     everywhere = tuple(range(layout.length))
 
     def body(tokens, i):
@@ -228,8 +304,8 @@ def forward(
         return tokens, read(attention.take(tokens, layout.scored))
 
     tokens_TxD, early_KxPxO = jax.lax.scan(body, tokens_TxD, steps)
-    last = layer_at(arch, first(arch.layers - 1), tokens_TxD, layout.scored)
-    return jnp.concatenate([early_KxPxO, read(last)[None]])
+    last = layer_at(arch, first(n_stacked - 1), tokens_TxD, layout.scored)
+    return jnp.concatenate([*readouts, early_KxPxO, read(last)[None]])
 
 
 def residual_stream(arch: Architecture, weights: Weights, tokens_TxD: jax.Array) -> jax.Array:
@@ -238,7 +314,11 @@ def residual_stream(arch: Architecture, weights: Weights, tokens_TxD: jax.Array)
     tokens_TxD = embed(arch, weights, tokens_TxD)
     if weights.copy is not None:
         tokens_TxD = copy_layer(weights.copy, tokens_TxD)
-    n_sets = weights.layers.attn.w_kq.shape[0]
+    stream = [tokens_TxD[None]]
+    if weights.first is not None:
+        tokens_TxD = first_layer(arch, weights, tokens_TxD)
+        stream.append(tokens_TxD[None])
+    n_sets = _stack_size(weights)
     everywhere = tuple(range(arch.layout.length))
 
     def body(tokens, i):
@@ -246,8 +326,8 @@ def residual_stream(arch: Architecture, weights: Weights, tokens_TxD: jax.Array)
         tokens = layer_at(arch, w, tokens, everywhere)
         return tokens, tokens
 
-    _, after_KxTxW = jax.lax.scan(body, tokens_TxD, jnp.arange(arch.layers))
-    return jnp.concatenate([tokens_TxD[None], after_KxTxW])
+    _, after_KxTxW = jax.lax.scan(body, tokens_TxD, jnp.arange(arch.stacked))
+    return jnp.concatenate([*stream, after_KxTxW])
 
 
 def predict_batch(arch: Architecture, weights: Weights, tokens_BxTxD: jax.Array) -> jax.Array:
@@ -271,28 +351,33 @@ def init_scale(model_cfg) -> float:
 class Transformer(nnx.Module):
     """Trainable factors `W_Q, W_K, W_V, W_P` per layer and head (plus LayerNorm / MLPs).
 
-    Factors are stacked over layers (`[L, H, D, D]`); a recurrent model keeps one stack entry
-    and applies it `layers` times. Initialisation: variance scaling (fan-in, truncated normal)
-    with scale `init_scale`, as in the paper's code. With classic tokens a causal copy layer
-    (factors `copy_q, copy_k, copy_v, copy_p`, `[H, D, D]`) comes first.
+    Factors are stacked over layers (`[L, H, S, D]`, `S` the key size, `W_P` `[L, H, D, S]`); a
+    recurrent model keeps one stack entry and applies it `layers` times. Initialisation: variance
+    scaling (fan-in, truncated normal) with scale `init_scale`, as in the paper's code. With
+    classic tokens a causal copy layer (factors `copy_q, copy_k, copy_v, copy_p`, `[H, D, D]`)
+    comes first. Optional, created after the rest (so that the random streams of models without
+    them do not move): input and output projections (`model.embed_dim`), a first layer of its own
+    (`first_*`, keys and queries `2D` wide: they see position encodings) and the mesa-layer's
+    `log(lambda)` per layer and head.
     """
 
     def __init__(self, model_cfg, layout: Layout, init_scale: float, rngs: nnx.Rngs):
-        self.arch = Architecture.from_config(model_cfg, layout)
-        n = 1 if model_cfg.recurrent else int(model_cfg.layers)
+        self.arch = arch = Architecture.from_config(model_cfg, layout)
+        n = 1 if model_cfg.recurrent else arch.stacked
         heads = int(model_cfg.heads)
         features = int(model_cfg.input_mlp_features)
-        dim = self.arch.width(features)
+        dim = arch.width(features)
+        key = dim if model_cfg.key_size is None else int(model_cfg.key_size)
         init = jax.nn.initializers.variance_scaling(
             init_scale, "fan_in", "truncated_normal", in_axis=-1, out_axis=-2, batch_axis=(0, 1)
         )
         init_p = jax.nn.initializers.variance_scaling(  # fan-in of W_P: all heads' values
             init_scale, "fan_in", "truncated_normal", in_axis=(-3, -1), out_axis=-2, batch_axis=0
         )
-        self.w_q = nnx.Param(init(rngs.params(), (n, heads, dim, dim)))
-        self.w_k = nnx.Param(init(rngs.params(), (n, heads, dim, dim)))
-        self.w_v = nnx.Param(init(rngs.params(), (n, heads, dim, dim)))
-        self.w_p = nnx.Param(init_p(rngs.params(), (n, heads, dim, dim)))
+        self.w_q = nnx.Param(init(rngs.params(), (n, heads, key, dim)))
+        self.w_k = nnx.Param(init(rngs.params(), (n, heads, key, dim)))
+        self.w_v = nnx.Param(init(rngs.params(), (n, heads, key, dim)))
+        self.w_p = nnx.Param(init_p(rngs.params(), (n, heads, dim, key)))
         # Optional parts are None when absent (in this order: the random streams of earlier versions).
         self.copy_q, self.copy_k, self.copy_v, self.copy_p = (
             (
@@ -334,6 +419,29 @@ class Transformer(nnx.Module):
             if model_cfg.input_mlp
             else (None,) * 4
         )
+        self.project_in, self.project_out = (
+            (
+                nnx.Param(dense(rngs.params(), (arch.token_width(features), dim))),
+                nnx.Param(dense(rngs.params(), (dim, layout.output_dim))),
+            )
+            if arch.embed_dim is not None
+            else (None, None)
+        )
+        first = lambda shape, fn=init: nnx.Param(fn(rngs.params(), (1, *shape))[0])
+        self.first_q, self.first_k, self.first_v, self.first_p = (
+            (
+                first((heads, key, 2 * dim)),
+                first((heads, key, 2 * dim)),
+                first((heads, key, dim)),
+                first((heads, dim, key), init_p),
+            )
+            if arch.first_layer is not None
+            else (None,) * 4
+        )
+        log_lam = math.log(float(model_cfg.mesa_lambda))
+        mesa = lambda kind, shape: nnx.Param(jnp.full(shape, log_lam)) if kind == "mesa" else None
+        self.mesa_log_lambda = mesa(arch.attention, (n, heads))
+        self.first_log_lambda = mesa(arch.first_layer, (1, heads))
 
     def weights(self) -> Weights:
         """The explicit `Weights`: attention as products per layer and head, and the rest."""
@@ -350,18 +458,44 @@ class Transformer(nnx.Module):
                 jnp.einsum("hdk,hke->hde", copy_p[...], copy_v[...]),
             )
         layers = Layers(
-            attn=Attention(
-                jnp.einsum("lhkd,lhke->lhde", self.w_k[...], self.w_q[...]),
-                jnp.einsum("lhdk,lhke->lhde", self.w_p[...], self.w_v[...]),
-            ),
+            attn=_attention(self.arch.attention, self.w_q, self.w_k, self.w_v, self.w_p, self.mesa_log_lambda),
             ln_attn=pair(self.ln_attn_scale, self.ln_attn_bias),
             ln_mlp=pair(self.ln_mlp_scale, self.ln_mlp_bias),
             mlp=four(self.mlp_w1, self.mlp_b1, self.mlp_w2, self.mlp_b2),
         )
-        return Weights(layers, embed=four(self.embed_w1, self.embed_b1, self.embed_w2, self.embed_b2), copy=copy)
+        first = None
+        if self.arch.first_layer is not None:
+            q, k, v, p = (
+                cast(nnx.Param, f)[...][None] for f in (self.first_q, self.first_k, self.first_v, self.first_p)
+            )
+            first = Layers(_attention(self.arch.first_layer, q, k, v, p, self.first_log_lambda, stacked=False))
+        value = lambda p: None if p is None else p[...]
+        return Weights(
+            layers,
+            embed=four(self.embed_w1, self.embed_b1, self.embed_w2, self.embed_b2),
+            copy=copy,
+            first=first,
+            project_in=value(self.project_in),
+            project_out=value(self.project_out),
+        )
 
     def __call__(self, tokens_TxD: jax.Array) -> jax.Array:
         return forward(self.arch, self.weights(), tokens_TxD)
+
+
+def _attention(kind: str, w_q, w_k, w_v, w_p, log_lam, stacked: bool = True) -> Attention | attention.Projections:
+    """A layer stack's attention in the form its kind reads: products `W_K^T W_Q`, `W_P W_V` per
+    layer and head, or the projections and `lambda` themselves (without the layer axis when not
+    `stacked`)."""
+    factors = [f[...] if isinstance(f, nnx.Param) else f for f in (w_q, w_k, w_v, w_p)]
+    if attention.REGISTRY[kind].weights is attention.Projections:
+        assert log_lam is not None
+        q, k, v, p = factors
+        out = attention.Projections(q, k, v, p, jnp.exp(log_lam[...]))
+    else:
+        q, k, v, p = factors
+        out = Attention(jnp.einsum("lhkd,lhke->lhde", k, q), jnp.einsum("lhdk,lhke->lhde", p, v))
+    return out if stacked else jax.tree_util.tree_map(lambda a: a[0], out)
 
 
 class Model(NamedTuple):

@@ -4,6 +4,7 @@ per-layer agreement)."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import cast
 
@@ -168,24 +169,37 @@ def per_layer(df: pd.DataFrame, summary: dict, stem: Path) -> list[Path]:
 
 def loss_by_position(summary: dict, stem: Path) -> list[Path]:
     """Sequence tasks: the trained model's final loss at each position (mean, 95% interval over
-    seeds) against each reference's."""
+    seeds) against each reference's, and, when computed, its model cos with each reference by
+    position (sensitivities to the last state, docs/science.md section 5)."""
     model = summary["final"]["loss_by_position"]
+    aligned = summary.get("alignment_by_position", {})
     positions = np.arange(1, len(model["mean"]) + 1)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, axes = plt.subplots(1, 2 if aligned else 1, figsize=(12.5 if aligned else 7, 4.2), squeeze=False)
+    ax = axes[0, 0]
     ax.plot(positions, model["mean"], "o-", markersize=3, color="C0", label="trained model")
     if model["ci95"][0][0] is not None:
         ax.fill_between(positions, model["ci95"][0], model["ci95"][1], color="C0", alpha=0.2, linewidth=0)
+    primary = next(iter(summary["references"]))
     for i, (name, entry) in enumerate(summary["references"].items()):
         if isinstance(entry, dict) and "loss_by_position" in entry:
-            ax.plot(
-                positions, entry["loss_by_position"], color=f"C{i + 1}", linestyle=REFERENCE_STYLES[i % 4], label=name
-            )
+            style = dict(color=f"C{i + 1}", linestyle=REFERENCE_STYLES[i % 4])
+            ax.plot(positions, entry["loss_by_position"], label=name, **style)
+            cos = aligned.get(_column("model_cos", name, primary))
+            if cos is not None:
+                axes[0, 1].plot(positions, cos["mean"], label=name, **style)
+                if cos["ci95"][0][0] is not None:
+                    axes[0, 1].fill_between(positions, cos["ci95"][0], cos["ci95"][1], alpha=0.15, linewidth=0, **style)
     ax.set_yscale("log")
-    ax.set_xlabel("position t (predicting s_{t+1} from s_1..s_t)")
     ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"{run_title(summary)}: loss by position, {summary.get('seeds', 1)} seed(s)", fontsize=10)
+    ax.set_title("loss by position", fontsize=10)
+    if aligned:
+        axes[0, 1].set_ylabel("model cos (sensitivity to s_t)")
+        axes[0, 1].set_title("trained model's cos with each reference", fontsize=10)
+    for a in axes[0]:
+        a.set_xlabel("position t (predicting s_{t+1} from s_1..s_t)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.suptitle(f"{run_title(summary)}, {summary.get('seeds', 1)} seed(s)", fontsize=10)
     return save(fig, stem)
 
 
@@ -387,4 +401,106 @@ def depth_extrapolation(df: pd.DataFrame, trained: int, damping: float, stem: Pa
         ax.set_xlabel("iterations (dotted: trained depth)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return save(fig, stem)
+
+
+def fewshot_curves(curves: dict, least: np.ndarray, zero: np.ndarray, title: str, stem: Path) -> list[Path]:
+    """Few-shot regression (docs/science.md section 8): the loss on `y_i` by pairs seen before, of
+    the model (`curves["model"]`, mean and 95% band over seeds, as `metrics.mean_ci95` gives them)
+    and, if tuned, of the model with its tuned separator / prefix (`curves["tuned"]`), against
+    ridge least squares on the pairs seen and the zero predictor."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    pairs = np.arange(len(least))
+    labels = {"model": "trained model: x_1, y_1, x_2, y_2, ...", "tuned": "trained model, tuned separator / prefix"}
+    for i, (name, label) in enumerate(labels.items()):
+        if name not in curves:
+            continue
+        entry, color = curves[name], ("C0", "C3")[i]
+        ks = pairs[: len(entry["mean"])]
+        ax.plot(ks, entry["mean"], "o-", markersize=3, color=color, label=label)
+        if entry["ci95"][0][0] is not None:
+            ax.fill_between(ks, entry["ci95"][0], entry["ci95"][1], color=color, alpha=0.2, linewidth=0)
+    ax.plot(pairs, least, "s--", markersize=3, color="C1", label="ridge least squares on the pairs seen")
+    ax.plot(pairs, zero, ":", color="0.3", linewidth=1.5, label="zero predictor")
+    ax.set_yscale("log")
+    ax.set_xlabel("pairs (x_j, y_j) seen before predicting y_i")
+    ax.set_ylabel("loss 0.5 ||y_hat - y_i||^2")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return save(fig, stem)
+
+
+def _mean_ci(ax, xs: np.ndarray, entry: dict, **style) -> None:
+    """A `metrics.mean_ci95` entry (lists over `xs`): the mean, and its 95% band when there is one."""
+    (line,) = ax.plot(xs, np.asarray(entry["mean"], dtype=float), **style)
+    lo, hi = entry["ci95"]
+    if lo[0] is not None:
+        ax.fill_between(xs, np.asarray(lo, float), np.asarray(hi, float), color=line.get_color(), alpha=0.2, lw=0)
+
+
+R2_FLOOR = -0.5  # R^2 axes stop here: a probe below it reads nothing (the tables keep every value)
+
+
+def _r2_axis(ax, values: np.ndarray) -> None:
+    low = float(np.nanmin(values)) if np.isfinite(values).any() else 0.0
+    ax.set_ylim(max(min(low, 0.0) - 0.05, R2_FLOOR), 1.05)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.grid(alpha=0.3)
+
+
+def _layer_names(n_layers: int) -> list[str]:
+    return ["embedding", *(f"layer {k}" for k in range(1, n_layers))]
+
+
+def probe_r2_by_layer(by_layer: dict[str, dict], labels: dict[str, str], title: str, stem: Path) -> list[Path]:
+    """Held-out R^2 of each target's linear probes (mean over positions; mean and 95% band over
+    seeds) along the residual stream: after the embedding, then after each layer (`labels`: the
+    targets' legend entries)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    n_layers = len(next(iter(by_layer.values()))["mean"])
+    xs = np.arange(n_layers)
+    for i, (name, entry) in enumerate(by_layer.items()):
+        _mean_ci(ax, xs, entry, marker="o", markersize=4, color=f"C{i}", label=labels[name])
+    _r2_axis(ax, np.array([entry["mean"] for entry in by_layer.values()], dtype=float))
+    ax.set_xticks(xs, _layer_names(n_layers))
+    ax.set_xlabel("residual stream after")
+    ax.set_ylabel(f"held-out R^2, mean over positions (floor {R2_FLOOR})")
+    ax.legend(fontsize=8, title="probe target", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title, fontsize=9)
+    return save(fig, stem)
+
+
+def probe_r2_by_position(r2: dict[str, np.ndarray], labels: dict[str, str], title: str, stem: Path) -> list[Path]:
+    """One panel per probe target (titled by `labels`): held-out R^2 (mean over seeds) by
+    position, one line per point of the residual stream (`r2[target]`: `[L, T]`)."""
+    fig, axes = plt.subplots(1, len(r2), figsize=(3.4 * len(r2), 3.6), sharey=True, squeeze=False)
+    for ax, (name, values) in zip(axes[0], r2.items(), strict=True):
+        positions = np.arange(1, values.shape[1] + 1)
+        colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, values.shape[0]))
+        for k, label in enumerate(_layer_names(values.shape[0])):
+            ax.plot(positions, values[k], color=colors[k], label=label)
+        _r2_axis(ax, np.stack(list(r2.values())))
+        ax.set_title(labels[name], fontsize=8)
+        ax.set_xlabel("position t")
+    axes[0, 0].set_ylabel(f"held-out R^2 (floor {R2_FLOOR})")
+    axes[0, -1].legend(fontsize=7, title="residual after", title_fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return save(fig, stem)
+
+
+def r2_by_lag(before: dict, after: dict, threshold: float, title: str, stem: Path) -> list[Path]:
+    """Held-out R^2 of linear probes for `s_{t-k}` by lag `k`, before and after the first layer
+    (`metrics.mean_ci95` entries over lags), with the threshold above which a lag counts as read."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    lags = np.arange(len(before["mean"]))
+    _mean_ci(ax, lags, before, marker="o", color="C0", label="before the first layer (embedding)")
+    _mean_ci(ax, lags, after, marker="s", color="C1", linestyle="--", label="after the first layer")
+    ax.axhline(threshold, color="k", linestyle=":", linewidth=0.8, label=f"read: R^2 >= {threshold}")
+    _r2_axis(ax, np.array([before["mean"], after["mean"]], dtype=float))
+    ax.set_xticks(lags)
+    ax.set_xlabel("lag k: probe target s_{t-k}")
+    ax.set_ylabel(f"held-out R^2, mean over positions t > k (floor {R2_FLOOR})")
+    ax.legend(fontsize=8)
+    ax.set_title(textwrap.fill(title, 95), fontsize=8)
     return save(fig, stem)

@@ -72,10 +72,10 @@ def test_softmax_attention_weights_are_a_distribution():
     ctx = jnp.array(np.random.default_rng(2).normal(size=(7, 4)), jnp.float32)
     w_pv, zeros = jnp.eye(4)[None], jnp.zeros((1, 4, 4))
     keys, visible = attention.keys_and_visibility(ctx, (0,), tasks.Mask(causal=False, n_keys=7))
-    update = attention.softmax(keys, ctx[:1], zeros, w_pv, visible)
+    update = attention.softmax(keys, keys, ctx[:1], attention.Products(zeros, w_pv), visible)
     np.testing.assert_allclose(update[0], ctx.mean(0), rtol=1e-5)  # zero scores: uniform attention
     keys, visible = attention.keys_and_visibility(ctx, (0, 3), tasks.Mask(causal=True))
-    causal = attention.softmax(keys, attention.take(ctx, (0, 3)), zeros, w_pv, visible)
+    causal = attention.softmax(keys, keys, attention.take(ctx, (0, 3)), attention.Products(zeros, w_pv), visible)
     np.testing.assert_allclose(causal, jnp.stack([ctx[0], ctx[:4].mean(0)]), rtol=1e-5)  # the visible prefix only
 
 

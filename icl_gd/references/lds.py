@@ -1,71 +1,249 @@
 """References for linear dynamical systems (docs/science.md section 8), per position `t` on the
-pairs `(s_i, s_{i+1})`, `i < t`, that the model has seen, applied to the query `s_t`:
+pairs `(s_i, s_{i+1})`, `i < t`, that the model has seen, applied to the query `s_t`. With the
+prefix sums `A_t = sum_{i<t} s_i s_i^T` and `B_t = sum_{i<t} s_{i+1} s_i^T` (zero at `t = 1`):
 
-- `ridge_online`: ridge least squares refitted at every position,
-  `W_t = (sum_{i<t} s_{i+1} s_i^T)(sum_{i<t} s_i s_i^T + lambda I)^{-1}`;
-- `gd`: one GD step from `W = 0` on `1/2 sum_{i<t} ||W s_i - s_{i+1}||^2`, i.e.
-  `W_t = eta sum_{i<t} s_{i+1} s_i^T`, one `eta` for every position, line-searched for the mean
-  loss over positions on sequences of its own.
+- `ridge_online`: ridge least squares refitted at every position, `W_t = B_t (A_t + lambda I)^-1`;
+- `gd`: `K` GD steps (one per model layer) from `W = 0` on `1/2 sum_{i<t} ||W s_i - s_{i+1}||^2`,
+  `W <- W - eta (W A_t - B_t)`, one `eta` for every position and step, line-searched for the mean
+  loss of the final readout over positions on sequences of its own;
+- `richardson`, `newton_schulz`, `chebyshev`: `K` steps of truncated iterative solvers of the ridge
+  normal equations `W (A_t + lambda I) = B_t` (`icl_gd.references.solvers`), their scalars fitted
+  the same way on sequences of their own.
+
+The stepwise references read out `W_k s_t` after each step: predictions `[K, T, D]`.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from icl_gd.linalg import spd_solve
-from icl_gd.references.registry import Reference, register
+from icl_gd.references import solvers
+from icl_gd.references.registry import FitContext, Reference, register
 
-LINE_SEARCH_CHUNK = 1024  # sequences per chunk of the line search (bounds its memory)
+LINE_SEARCH_CHUNK = 1024  # sequences per chunk of the one-step line search (bounds its memory)
+FIT_SEQUENCES = 1024  # sequences of the nonlinear fits (all of eval.line_search_tasks when fewer)
+FIT_ITERS = 30  # Levenberg-Marquardt steps of those fits
+STEP_MULTIPLES = (0.25, 0.5, 1.0, 2.0)  # starting step sizes of the fits, in units of a GD eta
 
 
-def pair_products(states_Tp1xD: jax.Array, queries_TxD: jax.Array) -> jax.Array:
-    """`g_t = sum_{i<t} s_{i+1} (s_i^T q_t)` for every position: one GD step's update direction, `[T, D]`.
-    The causal sum is a masked `[T, T]` score matrix (strictly earlier pairs only)."""
+def normal_equations(states_Tp1xD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`A_t = sum_{i<t} s_i s_i^T` and `B_t = sum_{i<t} s_{i+1} s_i^T` at every position, `[T, D, D]`
+    each: causal prefix sums over the pairs seen before `t`, zero at `t = 1`."""
     inputs, targets = states_Tp1xD[:-2], states_Tp1xD[1:-1]  # pairs (s_i, s_{i+1}), i = 1..T-1
-    scores_IxT = inputs @ queries_TxD.T
-    # pair j = (s_{j+1}, s_{j+2}) before position p
-    earlier = jnp.arange(inputs.shape[0])[:, None] < jnp.arange(queries_TxD.shape[0])[None, :]
-    return jnp.einsum("it,id->td", jnp.where(earlier, scores_IxT, 0.0), targets)
+    zero = jnp.zeros((1, inputs.shape[1], inputs.shape[1]), inputs.dtype)
+    prefix = lambda outer: jnp.concatenate([zero, jnp.cumsum(outer, 0)])
+    return prefix(jnp.einsum("id,ie->ide", inputs, inputs)), prefix(jnp.einsum("id,ie->ide", targets, inputs))
 
 
-def gd_predict(task, eta: jax.Array, queries_TxD: jax.Array, states_Tp1xD: jax.Array) -> jax.Array:
-    """One GD step per position: `eta g_t`, `[1, T, D]`."""
-    return (eta * pair_products(states_Tp1xD, queries_TxD))[None]
+Solve = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (A, B, q) -> readouts [K, O]
+
+
+def per_position(solve: Solve, a_TxDxD: jax.Array, b_TxDxD: jax.Array, queries_TxD: jax.Array) -> jax.Array:
+    """A solver's readouts at every position, each on its own normal equations: `[K, T, D]`."""
+    return jnp.swapaxes(jax.vmap(solve)(a_TxDxD, b_TxDxD, queries_TxD), 0, 1)
 
 
 def ridge_online_predict(task, lam: jax.Array, queries_TxD: jax.Array, states_Tp1xD: jax.Array) -> jax.Array:
-    """Ridge least squares on the pairs seen so far, at every position: `[1, T, D]`. The Gram
-    matrices are causal prefix sums; each position solves its own SPD system (no LAPACK call)."""
-    inputs, targets = states_Tp1xD[:-2], states_Tp1xD[1:-1]
-    zero = jnp.zeros((1, inputs.shape[1], inputs.shape[1]), inputs.dtype)
-    gram = jnp.concatenate([zero, jnp.cumsum(jnp.einsum("id,ie->ide", inputs, inputs), 0)])  # [T, D, D], i < t
-    cross = jnp.concatenate([zero, jnp.cumsum(jnp.einsum("id,ie->ide", targets, inputs), 0)])
-    eye = jnp.eye(inputs.shape[1], dtype=inputs.dtype)
-    solved = jax.vmap(spd_solve)(gram + lam * eye, queries_TxD)
-    return jnp.einsum("tde,te->td", cross, solved)[None]
+    """Ridge least squares on the pairs seen so far, at every position: `[1, T, D]`. Each position
+    solves its own SPD system (no LAPACK call)."""
+    a, b = normal_equations(states_Tp1xD)
+    eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+    return jnp.einsum("tde,te->td", b, jax.vmap(spd_solve)(a + lam * eye, queries_TxD))[None]
 
 
-def line_search_gd(states_BxTp1xD: jax.Array) -> jax.Array:
-    """The `eta` minimising `sum_t ||eta g_t - s_{t+1}||^2` over the sequences: the loss is
-    quadratic in `eta`, so the line search is exact, `eta = sum <g, s'> / sum |g|^2`."""
+class Spectra(NamedTuple):
+    """Every position's normal equations as seen by a solver's readout: with `A_t = V diag(eig) V^T`,
+    a solver whose iterates are `W_k = B_t P_k(A_t)` reads out
+    `W_k s_t = sum_i P_k(eig_i) z_i`, `z_i = (B_t v_i)(v_i . s_t)`. `eig` `[..., T, D]`,
+    `z` `[..., T, D (eigen), D (state)]`."""
 
-    def sums(states):
-        g = pair_products(states, states[:-1])
-        return jnp.stack([jnp.sum(g * states[1:]), jnp.sum(g * g)])
+    eig: jax.Array
+    z: jax.Array
 
-    total = jax.lax.map(sums, states_BxTp1xD, batch_size=LINE_SEARCH_CHUNK).sum(0)
+
+def spectrum(states_Tp1xD: jax.Array) -> Spectra:
+    """The `Spectra` of one sequence (one eigendecomposition per position)."""
+    a, b = normal_equations(states_Tp1xD)
+    eig, v = jnp.linalg.eigh(a)  # v[t, :, i]: eigenvector i
+    z = jnp.einsum("tdi,ti->tid", jnp.einsum("tde,tei->tdi", b, v), jnp.einsum("tei,te->ti", v, states_Tp1xD[:-1]))
+    return Spectra(eig, z)
+
+
+# The spectra of a batch of sequences, in a program of its own: its eigendecompositions are its one
+# batched LAPACK call (see `icl_gd.linalg`).
+spectra = jax.jit(jax.vmap(spectrum))
+
+
+def spectral_filters(solve: Solve, eig: jax.Array) -> jax.Array:
+    """`P_k(eig)` for every eigenvalue and step, `[..., K]`: the solver run on the `1 x 1` systems
+    `(eig, 1, 1)` that its iteration decouples into in `A`'s eigenbasis."""
+    one = jnp.ones((1, 1), eig.dtype)
+    run = jax.vmap(lambda lam: solve(lam * one, one, one[0])[:, 0])
+    return run(eig.reshape(-1)).reshape(*eig.shape, -1)
+
+
+def spectral_readouts(solve: Solve, spec: Spectra) -> jax.Array:
+    """A solver's readouts from the spectra, equal to `per_position` on the normal equations:
+    `[..., K, T, D]`."""
+    return jnp.einsum("...tik,...tid->...ktd", spectral_filters(solve, spec.eig), spec.z)
+
+
+@jax.jit
+def one_step_eta(states_NxTp1xD: jax.Array) -> jax.Array:
+    """The `eta` of one GD step minimising the mean loss over positions on the sequences: the loss is
+    quadratic in `eta`, so the line search is exact, `eta = sum <g, s_{t+1}> / sum |g|^2` with the
+    update direction `g_t = B_t s_t`. Chunked over sequences."""
+
+    def sums(states_Tp1xD):
+        g = jnp.einsum("tde,te->td", normal_equations(states_Tp1xD)[1], states_Tp1xD[:-1])
+        return jnp.stack([jnp.sum(g * states_Tp1xD[1:]), jnp.sum(g * g)])
+
+    total = jax.lax.map(sums, states_NxTp1xD, batch_size=LINE_SEARCH_CHUNK).sum(0)
     return total[0] / total[1]
 
 
-def _fit_gd(ctx) -> jax.Array:
+class Solver(NamedTuple):
+    """A `K`-step solver of the normal equations as a reference: the names of its fitted scalars
+    (the order of `theta`), `solve(theta, steps, lam) -> (A, B, q) -> [K, O]` on the unshifted `A`
+    (`lam`: the task's ridge penalty, for those that fix it), and its starting points
+    `starts(eta) -> [C, P]` around a GD `eta`."""
+
+    label: str
+    scalars: tuple[str, ...]
+    solve: Callable[[jax.Array, int, float], Solve]
+    starts: Callable[[jax.Array], jax.Array]
+
+
+def _shifted(a_DxD: jax.Array, lam: float | jax.Array) -> jax.Array:
+    return a_DxD + lam * jnp.eye(a_DxD.shape[-1], dtype=a_DxD.dtype)
+
+
+def _grid(first: jax.Array, second: jax.Array) -> jax.Array:
+    """Every pair `(first_i, second_j)`: `[len(first) * len(second), 2]`."""
+    return jnp.stack(jnp.meshgrid(first, second, indexing="ij"), -1).reshape(-1, 2)
+
+
+def _chebyshev_starts(eta: jax.Array) -> jax.Array:
+    center, fraction = _grid(1 / (eta * jnp.asarray(STEP_MULTIPLES)), jnp.array([0.0, 0.5, 0.9])).T
+    return jnp.stack([center, fraction * center], -1)
+
+
+SOLVERS = {
+    # eta: W <- W - eta (W A - B), the same eta at every step (docs/science.md section 8).
+    "gd": Solver(
+        "GD",
+        ("eta",),
+        lambda th, steps, lam: lambda a, b, q: solvers.richardson(a, b, q, jnp.full(steps, th[0])),
+        lambda eta: eta * jnp.asarray(STEP_MULTIPLES)[:, None],
+    ),
+    # (alpha, lam): W <- W - alpha (W (A + lam I) - B); (eta, 0) is GD. lam starts at 0 and at
+    # contractions alpha lam of 5% and 20% per step.
+    "richardson": Solver(
+        "Richardson (truncated Neumann series)",
+        ("alpha", "lambda"),
+        lambda th, steps, lam: lambda a, b, q: solvers.richardson(_shifted(a, th[1]), b, q, jnp.full(steps, th[0])),
+        lambda eta: _grid(eta * jnp.asarray(STEP_MULTIPLES), jnp.array([0.0, 0.05, 0.2]) / eta),
+    ),
+    # alpha: M_0 = alpha I, M <- M (2I - (A + lam I) M) with the task's lam. Step k is 2^k GD steps, so
+    # alpha must be small for the largest A_t: the starts go down to eta / 8.
+    "newton_schulz": Solver(
+        "Newton-Schulz",
+        ("alpha",),
+        lambda th, steps, lam: lambda a, b, q: solvers.newton_schulz(_shifted(a, lam), b, q, th[0], steps),
+        lambda eta: eta * jnp.array([0.125, *STEP_MULTIPLES])[:, None],
+    ),
+    # (center, half width) of A's assumed spectrum, on the unshifted A (a ridge shift only moves the
+    # center); (1/eta, 0) is GD. Half widths start as fractions of the center.
+    "chebyshev": Solver(
+        "Chebyshev",
+        ("center", "half_width"),
+        lambda th, steps, lam: lambda a, b, q: solvers.chebyshev(a, b, q, th[0], th[1], steps),
+        _chebyshev_starts,
+    ),
+}
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SolverParams:
+    """A fitted solver: its scalars `theta` `[P]` and its number of steps (static: it shapes the
+    readouts)."""
+
+    theta: jax.Array
+    steps: int = field(metadata={"static": True})
+
+
+@functools.partial(jax.jit, static_argnames=("name", "steps", "lam", "iters"))
+def fit_solver(
+    spec: Spectra, targets_NxTxD: jax.Array, starts_CxP: jax.Array, *, name: str, steps: int, lam: float, iters: int
+) -> jax.Array:
+    """The scalars of solver `name` whose final readout best matches `targets` (least squares over
+    sequences, positions and coordinates) on sequences given by their `spectra`:
+    Levenberg-Marquardt from the best of the starting points (it never ends above it). Each
+    evaluation costs `O(D^2)` per position, whatever the solver (`spectral_readouts`)."""
+
+    def residual(theta):
+        filters = spectral_filters(SOLVERS[name].solve(theta, steps, lam), spec.eig)[..., -1]
+        return (jnp.einsum("...ti,...tid->...td", filters, spec.z) - targets_NxTxD).ravel()
+
+    costs = jax.vmap(lambda theta: jnp.sum(residual(theta) ** 2))(starts_CxP)
+    best = starts_CxP[jnp.argmin(jnp.where(jnp.isfinite(costs), costs, jnp.inf))]
+    return solvers.levenberg_marquardt(residual, best, targets_NxTxD.size, iters)
+
+
+def _fit(ctx: FitContext, name: str, states_NxTp1xD: jax.Array, eta: jax.Array) -> SolverParams:
+    """Solver `name` fitted for the mean loss of its final readout over positions on the sequences,
+    from starts around `eta`."""
+    starts = SOLVERS[name].starts(eta)
+    lam = float(ctx.task.ridge_lambda)
+    theta = fit_solver(
+        spectra(states_NxTp1xD), states_NxTp1xD[:, 1:], starts, name=name, steps=ctx.steps, lam=lam, iters=FIT_ITERS
+    )
+    return SolverParams(theta, ctx.steps)
+
+
+def _fit_gd(ctx: FitContext) -> SolverParams:
+    """One `eta` shared by the `K` steps, on `eval.line_search_tasks` sequences of its own: exact
+    for one step; for more, fitted on the first `FIT_SEQUENCES` of them from starts around the
+    one-step `eta`."""
     states = ctx.task.states(jax.random.fold_in(ctx.key, 1), int(ctx.cfg.eval.line_search_tasks))
-    return jax.jit(line_search_gd)(states)
+    eta = one_step_eta(states)
+    return SolverParams(eta[None], 1) if ctx.steps == 1 else _fit(ctx, "gd", states[:FIT_SEQUENCES], eta)
 
 
-register(
-    Reference("gd", "GD, 1 step", _fit_gd, gd_predict, describe=lambda eta: {"eta": float(eta), "steps": 1}), ("lds",)
-)
+def solver_reference(name: str, fit: Callable[[FitContext], SolverParams]) -> Reference:
+    """Solver `name` as a stepwise reference, with its `fit`."""
+    solver = SOLVERS[name]
+
+    def predict(task, p: SolverParams, queries_TxD: jax.Array, states_Tp1xD: jax.Array) -> jax.Array:
+        solve = solver.solve(p.theta, p.steps, task.ridge_lambda)
+        return per_position(solve, *normal_equations(states_Tp1xD), queries_TxD)
+
+    def describe(p: SolverParams) -> dict:
+        return {**{s: float(v) for s, v in zip(solver.scalars, p.theta, strict=True)}, "steps": p.steps}
+
+    return Reference(name, solver.label, fit, predict, describe=describe, stepwise=True)
+
+
+def _fit_of_its_own(name: str, seed: int) -> Callable[[FitContext], SolverParams]:
+    """Fit solver `name` on `FIT_SEQUENCES` sequences of its own (`fold_in(key, seed)`; a subsample of
+    `eval.line_search_tasks`) from starts around the fitted GD's `eta`."""
+
+    def fit(ctx: FitContext) -> SolverParams:
+        n = min(FIT_SEQUENCES, int(ctx.cfg.eval.line_search_tasks))
+        return _fit(ctx, name, ctx.task.states(jax.random.fold_in(ctx.key, seed), n), ctx.fitted["gd"].theta[0])
+
+    return fit
+
+
+register(solver_reference("gd", _fit_gd), ("lds",))
 register(
     Reference(
         "ridge_online",
@@ -76,3 +254,5 @@ register(
     ),
     ("lds",),
 )
+for seed, name in enumerate(("richardson", "newton_schulz", "chebyshev"), start=2):  # GD's data: fold_in(key, 1)
+    register(solver_reference(name, _fit_of_its_own(name, seed)), ("lds",))

@@ -79,9 +79,16 @@ class TaskKind(Protocol):
     name: ClassVar[str]
     references: ClassVar[tuple[str, ...]]  # names in `icl_gd.references.REGISTRY`, primary first
     sensitivities: ClassVar[bool]  # whether model cos / model diff are tracked (docs/science.md section 5)
+    # whether the context is a state sequence whose last state `s_t` is the input of the prediction at
+    # `t` (model cos by position, computed once at the end of a run: `metrics.last_input_sensitivities`)
+    sequence_sensitivities: ClassVar[bool]
 
     @property
     def layout(self) -> Layout: ...
+
+    def batch(self, context: Any) -> Batch:
+        """The batch of given task arrays (`Batch.context`: regression tasks, state sequences)."""
+        ...
 
     def sample(self, key: jax.Array, n: int) -> Batch: ...
 

@@ -4,7 +4,8 @@ One sequence: `s_1 ~ U(-1, 1)^D`, `s_{t+1} = clip(W* s_t + sigma eps, -c, c)` wi
 `W*` of its own. At position `t` the model sees `s_1..s_t` through causal attention and predicts
 `s_{t+1}`; every position is scored. Constructed tokens `e_t = (0, s_t, s_t, s_{t-1})` (`s_0 = 0`):
 the prediction is read from the first slot, the third slot is the query `s_t` and the pair
-`(s_{t-1}, s_t)` of the fourth and second slots is the regression example the token adds.
+`(s_{t-1}, s_t)` of the fourth and second slots is the regression example the token adds. Raw
+tokens (`task.tokens=raw`) are the states `s_t` themselves, for models with an input projection.
 The batch's `context` is the states `[B, T+1, D]`: the references fit the pairs `(s_i, s_{i+1})`.
 """
 
@@ -58,8 +59,9 @@ class LinearDynamics:
     """Sequences of `length` states of size `state_dim` from the configured `variant`."""
 
     name: ClassVar[str] = "lds"
-    references: ClassVar[tuple[str, ...]] = ("gd", "ridge_online")
+    references: ClassVar[tuple[str, ...]] = ("gd", "ridge_online", "richardson", "newton_schulz", "chebyshev")
     sensitivities: ClassVar[bool] = False  # P x D Jacobian blocks per sequence: see docs/science.md section 5
+    sequence_sensitivities: ClassVar[bool] = True
 
     state_dim: int = 10
     length: int = 50
@@ -71,6 +73,7 @@ class LinearDynamics:
     contracting_max: float = 0.9
     transition_seed: int = 0
     ridge_lambda: float = 1e-3
+    tokens: str = "constructed"
 
     @classmethod
     def from_config(cls, task_cfg) -> LinearDynamics:
@@ -85,16 +88,17 @@ class LinearDynamics:
             contracting_max=float(task_cfg.contracting_max),
             transition_seed=int(task_cfg.transition_seed),
             ridge_lambda=float(task_cfg.ridge_lambda),
+            tokens=task_cfg.tokens.name,
         )
 
     @property
     def layout(self) -> Layout:
-        d = self.state_dim
+        d, raw = self.state_dim, self.tokens == "raw"
         return Layout(
             length=self.length,
-            width=4 * d,
+            width=d if raw else 4 * d,
             input_dim=d,
-            query_slot=2 * d,
+            query_slot=0 if raw else 2 * d,
             readout=0,
             output_dim=d,
             readout_sign=1.0,
@@ -125,7 +129,9 @@ class LinearDynamics:
         return jnp.einsum("boh,bth->bto", observe, h) + noise
 
     def batch(self, states_BxTp1xD: jax.Array) -> Batch:
-        tokens = jax.vmap(constructed_tokens)(states_BxTp1xD)
+        """The model's tokens for state sequences `[B, T+1, D]`, queries `s_t` and targets `s_{t+1}`."""
+        raw = self.tokens == "raw"
+        tokens = states_BxTp1xD[:, :-1] if raw else jax.vmap(constructed_tokens)(states_BxTp1xD)
         return Batch(tokens, states_BxTp1xD[:, :-1], states_BxTp1xD[:, 1:], states_BxTp1xD)
 
     def sample(self, key: jax.Array, n: int) -> Batch:

@@ -60,6 +60,7 @@ class Regression(abc.ABC):
     name: ClassVar[str]  # set by each task kind
     references: ClassVar[tuple[str, ...]] = ("gd", "gdpp", "ols", "ridge")
     sensitivities: ClassVar[bool] = True
+    sequence_sensitivities: ClassVar[bool] = False
 
     @property
     def layout(self) -> Layout:
