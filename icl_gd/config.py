@@ -71,6 +71,14 @@ class SequenceTokens(enum.Enum):
     raw = enum.auto()
 
 
+class Schedule(enum.Enum):
+    """Learning-rate schedules: constant (the first paper's code), or linear warm-up from 0 then
+    cosine decay to `train.end_lr` at `train.steps` (the follow-up's code)."""
+
+    constant = enum.auto()
+    warmup_cosine = enum.auto()
+
+
 class LdsVariant(enum.Enum):
     """Linear dynamical systems (docs/science.md section 8): a random orthogonal transition per
     sequence (`full`), observed through a random projection of a larger hidden state
@@ -164,6 +172,9 @@ class TrainConfig:
     b2: float = 0.98
     weight_decay: float = 0.0
     clip_norm: float = 1e-3
+    schedule: Schedule = Schedule.constant
+    warmup_steps: int = 1000  # warmup_cosine only
+    end_lr: float = 1e-5  # warmup_cosine only
     seeds: int = 1
     seed: int = 0
     eval_every: int = 100
@@ -370,6 +381,13 @@ def validate(cfg: DictConfig) -> None:
     _require(0 <= tr.b2 < 1, "train.b2", "a number in [0, 1)", tr.b2)
     _require(tr.weight_decay >= 0, "train.weight_decay", "a number >= 0", tr.weight_decay)
     _require(tr.clip_norm > 0, "train.clip_norm", "a number > 0", tr.clip_norm)
+    _require(
+        0 <= tr.warmup_steps <= tr.steps,
+        "train.warmup_steps",
+        f"an integer in [0, train.steps={tr.steps}]",
+        tr.warmup_steps,
+    )
+    _require(math.isfinite(tr.end_lr) and tr.end_lr >= 0, "train.end_lr", "a number >= 0", tr.end_lr)
     _require(tr.seeds >= 1, "train.seeds", "an integer >= 1", tr.seeds)
     _require(tr.seed >= 0, "train.seed", "an integer >= 0", tr.seed)
     _require(tr.eval_every >= 1, "train.eval_every", "an integer >= 1", tr.eval_every)

@@ -25,7 +25,7 @@ import numpy as np
 
 from icl_gd import metrics, references
 from icl_gd import tasks as tasks_lib
-from icl_gd.linalg import spd_solve
+from icl_gd.references import solvers
 from icl_gd.tasks import Tasks
 
 FLOOR = 1e-6  # normalised discrepancies below this (0.1% RMS of the model's predictions) count as zero
@@ -58,46 +58,22 @@ def richardson(x_Nxd, y_N, xq_d, alpha, lam, steps: int) -> jax.Array:
     """Richardson iteration on the ridge normal equations `(A + lam I) w = b` from `w = 0`, which
     is the truncated Neumann series of `alpha (I - alpha (A + lam I))^j b`; `lam = 0` is plain GD."""
     a, b = _normal_equations(x_Nxd, y_N)
-
-    def step(w, _):
-        w = w - alpha * (a @ w + lam * w - b)
-        return w, w @ xq_d
-
-    _, preds = jax.lax.scan(step, jnp.zeros_like(b), None, length=steps)
-    return preds
+    shifted = a + lam * jnp.eye(a.shape[0], dtype=a.dtype)
+    return solvers.richardson(shifted, b[None], xq_d, jnp.full((steps,), alpha))[:, 0]
 
 
 def chebyshev(x_Nxd, y_N, xq_d, center, half_width, steps: int) -> jax.Array:
-    """Chebyshev iteration for `A w = b` assuming A's spectrum in `center -+ half_width`
-    (Saad, Iterative Methods, Algorithm 12.1, written without dividing by the half width).
-    Its first step is GD with `eta = 1 / center`."""
+    """Chebyshev iteration for `A w = b` assuming A's spectrum in `center -+ half_width`. Its first
+    step is GD with `eta = 1 / center`."""
     a, b = _normal_equations(x_Nxd, y_N)
-    rho0 = half_width / center
-
-    def step(state, _):
-        w, r, d, rho = state
-        w, r = w + d, r - a @ d
-        denom = 2 * center - half_width * rho
-        rho_next = half_width / denom
-        d = rho_next * rho * d + 2 * r / denom
-        return (w, r, d, rho_next), w @ xq_d
-
-    _, preds = jax.lax.scan(step, (jnp.zeros_like(b), b, b / center, rho0), None, length=steps)
-    return preds
+    return solvers.chebyshev(a, b[None], xq_d, center, half_width, steps)[:, 0]
 
 
 def newton_schulz(x_Nxd, y_N, xq_d, alpha, steps: int) -> jax.Array:
     """Newton-Schulz iteration `M <- M (2I - A M)` for `A^-1` from `M_0 = alpha I`; readout `k` is
     `x_q^T M_k b`, the Neumann series with `2^k` terms (Fu et al. 2023's "iterative Newton")."""
     a, b = _normal_equations(x_Nxd, y_N)
-    eye = jnp.eye(a.shape[0], dtype=a.dtype)
-
-    def step(m, _):
-        m = m @ (2 * eye - a @ m)
-        return m, xq_d @ (m @ b)
-
-    _, preds = jax.lax.scan(step, alpha * eye, None, length=steps)
-    return preds
+    return solvers.newton_schulz(a, b[None], xq_d, alpha, steps)[:, 0]
 
 
 def _pairs(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -256,52 +232,6 @@ def families(dim: int, steps: int, noise_std: float = 0.0, w_std: float = 1.0) -
     return [Family(name, steps, dim, lam) for name in FAMILIES if name not in omitted], omitted
 
 
-def levenberg_marquardt(
-    residual: Callable[[jax.Array], jax.Array], theta0_P: jax.Array, n_tasks: int, iters: int
-) -> jax.Array:
-    """Minimise `sum(residual(theta)^2)` (`residual: [P] -> [n_tasks]`) by damped Gauss-Newton,
-    compiled as one scan of `iters` steps: a step is kept only if it lowers the cost (the damping
-    then shrinks), else the damping grows (Marquardt's scaling by `diag(J^T J)`). Frozen once a
-    kept step gains less than 1e-7 of the cost (a fixed-length scan: under `vmap` over seeds a
-    while loop would run until the slowest one converges anyway); families linear in their
-    parameters converge in one step. The residual and its Jacobian are computed once per step, at
-    the candidate; the loop starts from a zero Jacobian and infinite cost, so that its first candidate
-    is `theta0` itself."""
-    n_params = theta0_P.shape[0]
-    eye = jnp.eye(n_params, dtype=theta0_P.dtype)
-
-    def step(carry, _):
-        theta, r, jac_TxP, value, damping, done = carry
-        jtj = jac_TxP.T @ jac_TxP
-        diag = jnp.diag(jtj) + 1e-9 * jnp.max(jnp.diag(jtj)) + 1e-30
-        candidate = theta - spd_solve(jtj + damping * jnp.diag(diag), jac_TxP.T @ r)
-        r_new, jvp = jax.linearize(residual, candidate)
-        new_value = jnp.where(jnp.all(jnp.isfinite(r_new)), r_new @ r_new, jnp.inf)
-        better = (new_value < value) & ~done
-        keep = lambda new, old: jnp.where(better, new, old)
-        converged = better & jnp.isfinite(value) & (value - new_value <= 1e-7 * value)
-        damping = jnp.where(done, damping, jnp.where(better | ~jnp.isfinite(value), damping * 0.3, damping * 4.0))
-        return (
-            keep(candidate, theta),
-            keep(r_new, r),
-            keep(jax.vmap(jvp, out_axes=1)(eye), jac_TxP),
-            keep(new_value, value),
-            damping,
-            done | converged | (damping >= 1e10),
-        ), None
-
-    zeros = jnp.zeros((n_tasks,), theta0_P.dtype)
-    init = (
-        theta0_P,
-        zeros,
-        jnp.zeros((n_tasks, n_params), theta0_P.dtype),
-        jnp.asarray(jnp.inf, theta0_P.dtype),
-        jnp.asarray(1e-3 / 0.3, theta0_P.dtype),
-        jnp.asarray(False),
-    )
-    return jax.lax.scan(step, init, None, length=iters + 1)[0][0]
-
-
 def fit(
     family: Family, t: Tasks, spec: references.RidgeSpectrum, target_T: jax.Array, eta0: jax.Array, iters: int
 ) -> jax.Array:
@@ -317,7 +247,7 @@ def fit(
 
     costs = jax.vmap(lambda th: jnp.sum(residual(th) ** 2))(starts)
     best = starts[jnp.argmin(jnp.where(jnp.isfinite(costs), costs, jnp.inf))]
-    return levenberg_marquardt(residual, best, t.x.shape[0], iters)
+    return solvers.levenberg_marquardt(residual, best, t.x.shape[0], iters)
 
 
 def agreement(model: metrics.Evaluation, other: metrics.Evaluation, yq_T: jax.Array) -> dict[str, jax.Array]:
@@ -369,7 +299,7 @@ def _fit_and_score(
     """Every family and seed: fit the family to the model's final readout on the first of the
     stacked `sets`, then its agreement with the model on the others. One program for all
     families (compiling them apart takes twice as long), cached across calls with the same
-    families and shapes; it holds no LAPACK call (see `spd_solve`)."""
+    families and shapes; it holds no LAPACK call (see `icl_gd.linalg`)."""
     head = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
     rest = lambda tree: jax.tree_util.tree_map(lambda a: a[1:], tree)
 

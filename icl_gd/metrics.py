@@ -55,14 +55,14 @@ def last_input_sensitivities(
     """Sequence tasks (docs/science.md sections 5 and 8): the predictions `[B, K, P, O]` of
     `predict(states_Tp1xD) -> [K, P, O]` (position `p` predicts `s_{p+1}` from `s_1..s_p`) and the
     Jacobian of each with respect to the last state it saw, `s_p`, in every place it enters
-    (`[B, K, P, O, D]`). One forward-mode pass per position and coordinate, so this is for a
-    subset of sequences, `chunk` at a time."""
+    (`[B, K, P, O, D]`). One reverse-mode pass per position and output coordinate (the mesa-layer's
+    recursion has a custom reverse rule only), so this is for a subset of sequences, `chunk` at a time."""
 
     def one(states_Tp1xD):
         preds_KxPxO = predict(states_Tp1xD)
 
         def at(p):
-            return jax.jacfwd(lambda s: predict(states_Tp1xD.at[p].set(s))[:, p])(states_Tp1xD[p])
+            return jax.jacrev(lambda s: predict(states_Tp1xD.at[p].set(s))[:, p])(states_Tp1xD[p])
 
         sens_PxKxOxD = jax.lax.map(at, jnp.arange(preds_KxPxO.shape[1]))
         return preds_KxPxO, jnp.moveaxis(sens_PxKxOxD, 0, 1)

@@ -188,7 +188,9 @@ def loss_by_position(summary: dict, stem: Path) -> list[Path]:
             if cos is not None:
                 axes[0, 1].plot(positions, cos["mean"], label=name, **style)
                 if cos["ci95"][0][0] is not None:
-                    axes[0, 1].fill_between(positions, cos["ci95"][0], cos["ci95"][1], alpha=0.15, linewidth=0, **style)
+                    axes[0, 1].fill_between(
+                        positions, cos["ci95"][0], cos["ci95"][1], color=style["color"], alpha=0.15, linewidth=0
+                    )
     ax.set_yscale("log")
     ax.set_ylabel("loss")
     ax.set_title("loss by position", fontsize=10)

@@ -13,11 +13,24 @@ from icl_gd.models import Model
 from icl_gd.tasks import TaskKind
 
 
+def learning_rate(train_cfg) -> float | optax.Schedule:
+    """`train.lr`, constant or with the follow-up's warm-up and cosine decay (docs/science.md section 8)."""
+    if train_cfg.schedule.name == "constant":
+        return float(train_cfg.lr)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=float(train_cfg.lr),
+        warmup_steps=int(train_cfg.warmup_steps),
+        decay_steps=int(train_cfg.steps),
+        end_value=float(train_cfg.end_lr),
+    )
+
+
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
     """AdamW behind global-norm gradient clipping (docs/science.md section 7)."""
     return optax.chain(
         optax.clip_by_global_norm(train_cfg.clip_norm),
-        optax.adamw(train_cfg.lr, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay),
+        optax.adamw(learning_rate(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay),
     )
 
 

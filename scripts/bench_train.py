@@ -1,7 +1,10 @@
-"""Benchmark the compiled training loop of the default single-layer config.
+"""Benchmark the compiled training loop of the default single-layer config, then of the
+sequence models of the follow-up paper.
 
 Prints: compile time, steady training steps/s at batch 2048, evaluation time on the
-10,000-task evaluation set, and the time per seed for `train.seeds=1,4,16`.
+10,000-task evaluation set, and the time per seed for `train.seeds=1,4,16`; then training
+steps/s at batch 256 for the `lds_linear` (1 and 6 layers), `lds_softmax` and `lds_mesa`
+experiments (one seed, both mesa implementations).
 Usage: `python scripts/bench_train.py [OVERRIDES...]` (or `make bench`).
 """
 
@@ -22,7 +25,7 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def bench(overrides: list[str], seeds: int, chunks: int = 5) -> dict:
+def bench(overrides: list[str], seeds: int, chunks: int = 5, evaluate: bool = True) -> dict:
     cfg = config_lib.load_config([*overrides, f"train.seeds={seeds}"])
     tc, task = cfg.train, tasks.from_config(cfg.task)
     model = models.build(cfg.model, task.layout)
@@ -37,6 +40,8 @@ def bench(overrides: list[str], seeds: int, chunks: int = 5) -> dict:
         params, opt_state, losses = chunk(params, opt_state, data_keys, i * n, n)
     jax.block_until_ready(losses)
     steady_s = (time.perf_counter() - start) / (chunks * n)
+    if not evaluate:
+        return {"compile_s": compile_s, "steps_per_s": 1 / steady_s, "ms_per_step": 1e3 * steady_s}
     refs = experiment.compute_references(cfg, task)
     evaluator = experiment.make_evaluator(model, cfg, refs)
     evaluate = lambda: evaluator(params)
@@ -73,6 +78,20 @@ def main(overrides: list[str]) -> None:
     for seeds in (1, 4, 16):
         row = bench(overrides, seeds)
         print(" | ".join(f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]) for k in header))
+    print("\nsequence models (task=lds, batch 256, one seed):")
+    print("model | compile_s | steps_per_s | ms_per_step")
+    for label, model in SEQUENCE_MODELS.items():
+        row = bench([*model, "train.eval_every=20", *overrides], 1, chunks=3, evaluate=False)
+        print(f"{label} | {row['compile_s']:.3g} | {row['steps_per_s']:.3g} | {row['ms_per_step']:.3g}")
+
+
+SEQUENCE_MODELS = {
+    "lds_linear, 1 layer": ["experiment=lds_linear"],
+    "lds_linear, 6 layers": ["experiment=lds_linear", "model.layers=6"],
+    "lds_softmax, 7 layers": ["experiment=lds_softmax"],
+    "lds_mesa, scan": ["experiment=lds_mesa"],
+    "lds_mesa, solve": ["experiment=lds_mesa", "model.mesa_impl=solve"],
+}
 
 
 if __name__ == "__main__":

@@ -75,16 +75,20 @@ def test_online_ridge_equals_a_batch_solve_on_every_prefix():
 def test_gd_reference_is_one_gd_step_and_its_eta_the_best():
     task = make("task.length=10", "task.state_dim=3")
     states = task.states(jax.random.key(5), 2000)
-    eta = float(lds_refs.line_search_gd(states))
+    eta = float(lds_refs.one_step_eta(states))
+    gd = references.REGISTRY["lds"]["gd"]
+
+    def predict(e):
+        return jax.vmap(lambda st: gd.predict(task, lds_refs.SolverParams(jnp.array([e]), 1), st[:-1], st)[0])(states)
+
     s = np.asarray(states[0], np.float64)
-    preds = np.asarray(lds_refs.gd_predict(task, eta, states[0, :-1], states[0])[0])
+    preds = np.asarray(predict(eta)[0])
     for t in range(10):
         w = eta * sum((np.outer(s[i + 1], s[i]) for i in range(t)), np.zeros((3, 3)))  # one GD step from W = 0
         np.testing.assert_allclose(preds[t], w @ s[t], rtol=1e-4, atol=1e-5)
 
     def loss(e):
-        g = jax.vmap(lambda st: lds_refs.gd_predict(task, e, st[:-1], st)[0])(states)
-        return float(0.5 * jnp.mean(jnp.sum((g - states[:, 1:]) ** 2, -1)))
+        return float(0.5 * jnp.mean(jnp.sum((predict(e) - states[:, 1:]) ** 2, -1)))
 
     assert loss(eta) < min(loss(0.9 * eta), loss(1.1 * eta))
 
@@ -94,7 +98,7 @@ def test_baselines_cli_reports_each_reference_by_position(tmp_path):
     result = CliRunner().invoke(app, ["baselines", *SMALL, "--json", str(path)])
     assert result.exit_code == 0, result.output
     refs = json.loads(path.read_text())["references"]
-    assert set(refs) == {"gd", "ridge_online"} and refs["gd"]["eta"] > 0
+    assert set(refs) == {"gd", "ridge_online", "richardson", "newton_schulz", "chebyshev"} and refs["gd"]["eta"] > 0
     for entry in refs.values():
         assert len(entry["loss_by_position"]) == 12
         assert entry["loss"] == pytest.approx(np.mean(entry["loss_by_position"]), rel=1e-5)
@@ -119,12 +123,14 @@ def test_train_lds_end_to_end(tmp_path):
     summary = trained.summary
     assert summary["status"] == "completed"
     final = summary["final"]
+    aligned = experiment.alignment_metrics(trained.task)
+    others = ("ridge_online", "richardson", "newton_schulz", "chebyshev")
     assert set(final) == {
         "loss",
         "gd_loss",
-        "preds_diff",
-        "ridge_online_loss",
-        "preds_diff_ridge_online",
+        *aligned,
+        *(f"{name}_loss" for name in others),
+        *(f"{metric}_{name}" for metric in aligned for name in others),
         "loss_by_position",
     }
     by_position = final["loss_by_position"]
@@ -136,7 +142,7 @@ def test_train_lds_end_to_end(tmp_path):
             trained.run_dir / "plots" / f"{name}.pdf"
         ).is_file()
     df = runs.load_metrics(trained.run_dir)
-    assert {"layer1_loss", "layer2_loss", "ridge_online_loss"} <= set(df.columns)
+    assert {"layer1_loss", "layer2_loss", "ridge_online_loss", "layer2_chebyshev_loss"} <= set(df.columns)
     assert runs.load(trained.run_dir).params is not None
     refs = summary["references"]
     assert refs["ridge_online"]["lambda"] == pytest.approx(1e-3)

@@ -1,9 +1,10 @@
 """Reference algorithms (docs/science.md sections 4, 6 and 8) as a registry: `registry` holds the
 protocol, `regression` the GD / GD++ / OLS / ridge references of regression tasks (and their
-numerics, re-exported here), `lds` the per-position references of linear dynamical systems."""
+numerics, re-exported here), `lds` the per-position references of linear dynamical systems,
+`solvers` the truncated iterative solvers of normal equations that `lds` and `icl_gd.explain` share."""
 
-from icl_gd.references import lds, regression  # noqa: F401  (registers the references)
 from icl_gd.linalg import spd_solve
+from icl_gd.references import lds, regression, solvers  # noqa: F401  (lds and regression register the references)
 from icl_gd.references.registry import REGISTRY, FitContext, Reference, analytic, for_task, register
 from icl_gd.references.regression import (
     GDPP,

@@ -95,14 +95,22 @@ def spectral_readouts(solve: Solve, spec: Spectra) -> jax.Array:
     return jnp.einsum("...tik,...tid->...ktd", spectral_filters(solve, spec.eig), spec.z)
 
 
+def one_step_directions(states_Tp1xD: jax.Array) -> jax.Array:
+    """`g_t = B_t s_t = sum_{i<t} s_{i+1} (s_i^T s_t)` at every position, `[T, D]`: one GD step's
+    update direction, as a masked `[T, T]` score matrix (cheaper than forming `B_t`)."""
+    inputs, targets, queries = states_Tp1xD[:-2], states_Tp1xD[1:-1], states_Tp1xD[:-1]
+    earlier = jnp.arange(inputs.shape[0])[:, None] < jnp.arange(queries.shape[0])[None, :]  # pair i before t
+    return jnp.einsum("it,id->td", jnp.where(earlier, inputs @ queries.T, 0.0), targets)
+
+
 @jax.jit
 def one_step_eta(states_NxTp1xD: jax.Array) -> jax.Array:
     """The `eta` of one GD step minimising the mean loss over positions on the sequences: the loss is
-    quadratic in `eta`, so the line search is exact, `eta = sum <g, s_{t+1}> / sum |g|^2` with the
-    update direction `g_t = B_t s_t`. Chunked over sequences."""
+    quadratic in `eta`, so the line search is exact, `eta = sum <g, s_{t+1}> / sum |g|^2`. Chunked
+    over sequences."""
 
     def sums(states_Tp1xD):
-        g = jnp.einsum("tde,te->td", normal_equations(states_Tp1xD)[1], states_Tp1xD[:-1])
+        g = one_step_directions(states_Tp1xD)
         return jnp.stack([jnp.sum(g * states_Tp1xD[1:]), jnp.sum(g * g)])
 
     total = jax.lax.map(sums, states_NxTp1xD, batch_size=LINE_SEARCH_CHUNK).sum(0)
@@ -112,7 +120,7 @@ def one_step_eta(states_NxTp1xD: jax.Array) -> jax.Array:
 class Solver(NamedTuple):
     """A `K`-step solver of the normal equations as a reference: the names of its fitted scalars
     (the order of `theta`), `solve(theta, steps, lam) -> (A, B, q) -> [K, O]` on the unshifted `A`
-    (`lam`: the task's ridge penalty, for those that fix it), and its starting points
+    (`lam`: the task's ridge penalty, for those that do not fit their own), and its starting points
     `starts(eta) -> [C, P]` around a GD `eta`."""
 
     label: str
@@ -159,12 +167,12 @@ SOLVERS = {
         lambda th, steps, lam: lambda a, b, q: solvers.newton_schulz(_shifted(a, lam), b, q, th[0], steps),
         lambda eta: eta * jnp.array([0.125, *STEP_MULTIPLES])[:, None],
     ),
-    # (center, half width) of A's assumed spectrum, on the unshifted A (a ridge shift only moves the
-    # center); (1/eta, 0) is GD. Half widths start as fractions of the center.
+    # (center, half width) of the assumed spectrum of A + lam I, with the task's lam; (1/eta, 0) is GD.
+    # Half widths start as fractions of the center.
     "chebyshev": Solver(
         "Chebyshev",
         ("center", "half_width"),
-        lambda th, steps, lam: lambda a, b, q: solvers.chebyshev(a, b, q, th[0], th[1], steps),
+        lambda th, steps, lam: lambda a, b, q: solvers.chebyshev(_shifted(a, lam), b, q, th[0], th[1], steps),
         _chebyshev_starts,
     ),
 }
