@@ -10,7 +10,10 @@ EXPERIMENTS := single_layer recurrent multi_layer depth_extrapolation softmax la
 	ood distractors label_noise sine classic_tokens
 STAMP_TIME := $(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: venv run test lint bench baselines explain clean-venv $(EXPERIMENTS)
+## The follow-up paper's sequence models (docs/science.md section 8; README, "Mesa-optimization").
+LDS := lds_softmax lds_mesa lds_probes lds_fewshot lds_softmax_partial lds_mesa_partial
+
+.PHONY: venv run test lint bench baselines explain clean-venv $(EXPERIMENTS) $(LDS) lds_linear lds_compare
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +58,19 @@ multi_layer depth_extrapolation softmax layernorm_mlp: $(STAMP)
 ## Task variants, five seeds each (docs/experiments_tasks.md).
 ood distractors label_noise sine classic_tokens: $(STAMP)
 	$(ICL) train experiment=$@ train.seeds=5 $(ARGS)
+
+## Constructed tokens, one sweep over depth, then every run against the references by position.
+lds_linear: $(STAMP)
+	$(ICL) train -m experiment=lds_linear model.layers=1,2,4,6 --out runs/lds_linear/$(STAMP_TIME) $(ARGS)
+	$(ICL) compare runs/lds_linear/$(STAMP_TIME)/[0-9]* --out runs/lds_linear/$(STAMP_TIME)/compare
+
+$(LDS): $(STAMP)
+	$(ICL) train experiment=$@ $(ARGS)
+
+## The mesa-layer against linear and softmax layers of the same depth (after the same softmax first layer).
+lds_compare: $(STAMP)
+	$(ICL) train -m experiment=lds_mesa model.attention=linear,softmax,mesa --out runs/lds_compare/$(STAMP_TIME) $(ARGS)
+	$(ICL) compare runs/lds_compare/$(STAMP_TIME)/[0-9]* --out runs/lds_compare/$(STAMP_TIME)/compare
 
 ## Issue 5, docs/explain.md: which algorithm does each trained model run? Trains each experiment once
 ## into runs/explain/<name> (when that folder is missing), explains every seed once (when

@@ -225,7 +225,7 @@ def compare(
         runs.check_new(out)
     except runs.RunDirExists as err:
         _fail(str(err))
-    frames, primaries, rows = {}, {}, []
+    frames, primaries, summaries, rows = {}, {}, {}, []
     for i, run_dir in enumerate(run_dirs):
         summary = runs.load_summary(run_dir)
         layers = runs.load_config(run_dir).model.layers
@@ -233,6 +233,7 @@ def compare(
         label = f"{summary['experiment']}{task} K={layers} ({run_dir.name})"
         label = label if label not in frames else f"{label} ({i})"
         frames[label] = runs.load_metrics(run_dir)
+        summaries[label] = summary
         primaries[label] = next(iter(summary.get("references", {"gd": None})))
         row = {"run": label, "status": summary["status"], "seeds": summary["seeds"]}
         finals = summary.get("final", {}).items()
@@ -242,6 +243,9 @@ def compare(
     table_df = pd.DataFrame(rows)
     table_df.to_csv(out / "compare.csv", index=False)
     paths = plots.compare(frames, primaries, out / "compare")
+    by_position = {label: s for label, s in summaries.items() if "loss_by_position" in s.get("final", {})}
+    if by_position:
+        paths += plots.compare_by_position(by_position, out / "compare_by_position")
     table = Table(title="final metrics (mean over seeds)")
     table.add_column("metric")
     for label in table_df["run"]:

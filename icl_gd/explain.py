@@ -25,6 +25,8 @@ import numpy as np
 
 from icl_gd import metrics, references
 from icl_gd import tasks as tasks_lib
+from icl_gd.linalg import spd_solve
+from icl_gd.references import lds as lds_refs
 from icl_gd.references import solvers
 from icl_gd.tasks import Tasks
 
@@ -457,4 +459,286 @@ def explain(
         "explains": explains,
         "explains_threshold": EXPLAINS_R2,
         "verdict": verdict,
+    }
+
+
+# Sequence tasks (task=lds, docs/science.md section 8). A family is a `K`-step solver of each
+# position's normal equations `W (A_t + lambda I) = B_t` (`references.solvers`, shared with the
+# references of `task=lds`), fitted to the model's final readout and scored by its predictions at
+# every position; fitting and scoring go through `A_t`'s eigendecomposition (`references.lds.Spectra`),
+# exact and `O(D^2)` per position whatever the family.
+
+SequenceModelFn = Callable[..., jax.Array]  # (params, tokens_BxTxW) -> y_hat [B, K, T, D]
+BAND_EDGES = (5, 15)  # position bands 1-5, 6-15, 16-T: few pairs seen, some, many
+STATE_SCALES = (0.5, 2.0)  # shifted scoring sets: the held-out sequences with their states scaled
+ALL_POSITIONS = "all"
+# The sensitivities of sequence predictions take one reverse pass per position: not computed, and
+# reported as such where regression reports have model cos / model diff.
+NOT_COMPUTED = {"mean": None, "ci95": [None, None], "per_seed": []}
+
+
+def _ridge(lam: jax.Array | float, steps: int) -> lds_refs.Solve:
+    """Ridge on the normal equations, `B (A + lam I)^-1 q`, the same at every readout."""
+
+    def solve(a_DxD, b_OxD, q_D):
+        shifted = a_DxD + lam * jnp.eye(a_DxD.shape[0], dtype=a_DxD.dtype)
+        return jnp.broadcast_to(b_OxD @ spd_solve(shifted, q_D), (steps, b_OxD.shape[0]))
+
+    return solve
+
+
+def _solver_family(name: str, about: str) -> tuple:
+    solver = lds_refs.SOLVERS[name]
+    return (lambda k: len(solver.scalars), solver.solve, lambda k, eta: solver.starts(eta), about)
+
+
+# name: (parameter count (K), solve (theta, K, task lambda) -> (A, B, q) -> [K, O],
+#        starts (K, eta0) -> [C, P], about)
+SEQUENCE_FAMILIES = {
+    "gd": _solver_family("gd", "K GD steps on the pairs seen so far, one shared eta (docs/science.md section 8)"),
+    "gd_per_step": (
+        lambda k: k,
+        lambda th, k, lam: lambda a, b, q: solvers.richardson(a, b, q, th),
+        lambda k, eta: jnp.repeat(lds_refs.SOLVERS["gd"].starts(eta), k, 1),
+        "K GD steps, one eta per step",
+    ),
+    "richardson": _solver_family("richardson", "Richardson on W (A + lambda I) = B, (alpha, lambda)"),
+    "newton_schulz": _solver_family("newton_schulz", "Newton-Schulz for (A + lambda I)^-1 from alpha I, task's lambda"),
+    "chebyshev": _solver_family("chebyshev", "Chebyshev iteration, spectrum of A + lambda I in center -+ half width"),
+    "ridge": (
+        lambda k: 1,
+        lambda th, k, lam: _ridge(jnp.exp(th[0]), k),
+        lambda k, eta: jnp.log(jnp.logspace(-4, 2, 13) / eta)[:, None],
+        "ridge on the pairs seen so far, fitted lambda (theta = log lambda)",
+    ),
+    "ridge_online": (
+        lambda k: 0,
+        lambda th, k, lam: _ridge(lam, k),
+        lambda k, eta: jnp.zeros((1, 0)),
+        "ridge with the task's lambda (the ridge_online reference)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SequenceFamily:
+    """A hypothesis for a sequence model with `steps` readouts: a solver `theta -> (A, B, q) -> [K, O]`
+    on every position's normal equations (`lam`: the task's ridge penalty). Hashable, so that its
+    compiled fit is reused across calls."""
+
+    name: str
+    steps: int
+    lam: float
+
+    @property
+    def n_params(self) -> int:
+        return SEQUENCE_FAMILIES[self.name][0](self.steps)
+
+    @property
+    def about(self) -> str:
+        return SEQUENCE_FAMILIES[self.name][3]
+
+    def solve(self, theta_P: jax.Array) -> lds_refs.Solve:
+        return SEQUENCE_FAMILIES[self.name][1](theta_P, self.steps, self.lam)
+
+    def predict(self, theta_P: jax.Array, states_Tp1xD: jax.Array) -> jax.Array:
+        """Readouts `[K, T, D]` on one sequence of states `s_1..s_{T+1}`."""
+        return lds_refs.per_position(self.solve(theta_P), *lds_refs.normal_equations(states_Tp1xD), states_Tp1xD[:-1])
+
+    def starts(self, eta0: jax.Array) -> jax.Array:
+        """Candidate starting points `[C, P]`, from the step size `eta0` of one GD step."""
+        return SEQUENCE_FAMILIES[self.name][2](self.steps, eta0)
+
+
+def sequence_families(steps: int, lam: float) -> tuple[list[SequenceFamily], dict[str, str]]:
+    """The families for a sequence model with `steps` readouts, and those left out (with the reason)
+    because at this depth they coincide with a simpler one."""
+    omitted = {}
+    if steps == 1:
+        omitted = {
+            "gd_per_step": "for one step it is gd",
+            "richardson": "for one step it is gd: lambda acts only after the step",
+            "chebyshev": "for one step it is gd with eta = 1 / center",
+        }
+    return [SequenceFamily(name, steps, lam) for name in SEQUENCE_FAMILIES if name not in omitted], omitted
+
+
+def position_bands(length: int) -> dict[str, tuple[int, int]]:
+    """Position bands `name: (first, last)` (1-based, inclusive) cut at `BAND_EDGES`: sub-bands of
+    `1..length` only, empty when it has a single band."""
+    edges = [edge for edge in BAND_EDGES if edge < length]
+    if not edges:
+        return {}
+    firsts, lasts = [1, *(edge + 1 for edge in edges)], [*edges, length]
+    return {f"{a}-{b}": (a, b) for a, b in zip(firsts, lasts, strict=True)}
+
+
+def sequence_sets(task, key: jax.Array, n_sequences: int) -> dict[str, jax.Array]:
+    """States `[N, T+1, D]` of the fit set, the held-out set (both from the training law) and the
+    held-out sequences with their states scaled by `STATE_SCALES` (the same dynamics from a scaled
+    start, with scaled noise)."""
+    held = task.states(jax.random.fold_in(key, 1), n_sequences)
+    scaled = {f"states_x{scale:g}": scale * held for scale in STATE_SCALES}
+    return {"fit": task.states(jax.random.fold_in(key, 0), n_sequences), HELDOUT: held, **scaled}
+
+
+def _band_mean(values_NxKxT: jax.Array, mask_T: jax.Array) -> jax.Array:
+    """Mean over sequences and the positions in `mask`, per readout: `[K]`."""
+    return jnp.sum(values_NxKxT * mask_T, (0, 2)) / (mask_T.sum() * values_NxKxT.shape[0])
+
+
+def _band_loss(preds_NxKxTxD: jax.Array, targets_NxTxD: jax.Array, mask_T: jax.Array) -> jax.Array:
+    """docs/science.md section 8's loss, `0.5 |y_hat - s_{t+1}|^2`, averaged over the band: `[K]`."""
+    return _band_mean(0.5 * jnp.sum((preds_NxKxTxD - targets_NxTxD[:, None]) ** 2, -1), mask_T)
+
+
+def sequence_agreement(
+    family_NxKxTxD: jax.Array, model_NxKxTxD: jax.Array, targets_NxTxD: jax.Array, mask_T: jax.Array
+) -> dict[str, jax.Array]:
+    """Per readout `[K]`, over the positions in `mask`: the normalised discrepancy
+    `nmse = mean((f - m)^2) / var(m)` (over sequences, positions and coordinates; `r2 = 1 - nmse`),
+    the preds diff (mean distance of the predictions, docs/science.md section 5) and the family's loss."""
+    model_mean = _band_mean(jnp.mean(model_NxKxTxD, -1), mask_T)[None, :, None, None]
+    var = _band_mean(jnp.mean((model_NxKxTxD - model_mean) ** 2, -1), mask_T)
+    nmse = _band_mean(jnp.mean((family_NxKxTxD - model_NxKxTxD) ** 2, -1), mask_T) / var
+    return {
+        "nmse": nmse,
+        "r2": 1.0 - nmse,
+        "preds_diff": _band_mean(jnp.linalg.norm(family_NxKxTxD - model_NxKxTxD, axis=-1), mask_T),
+        "loss": _band_loss(family_NxKxTxD, targets_NxTxD, mask_T),
+    }
+
+
+def _masked(spec: lds_refs.Spectra, target_NxTxD: jax.Array, mask_T: jax.Array):
+    """Spectra and targets with the positions outside `mask` zeroed: they leave every residual."""
+    return lds_refs.Spectra(spec.eig, spec.z * mask_T[:, None, None]), target_NxTxD * mask_T[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("fams", "iters"))
+def _fit_and_score_sequences(
+    spectra: lds_refs.Spectra,
+    targets: jax.Array,
+    model_preds: jax.Array,
+    masks_BxT: jax.Array,
+    eta0: jax.Array,
+    *,
+    fams: tuple[SequenceFamily, ...],
+    iters: int,
+) -> dict:
+    """Every family, seed and band: fit the family to the model's final readout on the band's
+    positions of the first of the stacked sets, then its agreement with the model on the band in
+    the others. `spectra` `[sets, N, T, ...]`, `targets` `[sets, N, T, D]`, `model_preds`
+    `[S, sets, N, K, T, D]`, `masks` `[bands, T]`. One program for all families; it holds no LAPACK
+    call (the spectra are computed apart)."""
+    head = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
+    rest = lambda tree: jax.tree_util.tree_map(lambda a: a[1:], tree)
+
+    def one(family, model_setsxNxKxTxD, mask_T):
+        target = model_setsxNxKxTxD[0, :, -1]
+        spec, target = _masked(head(spectra), target, mask_T)
+        theta = lds_refs.fit_spectral(family.solve, spec, target, family.starts(eta0), iters)
+
+        def score(spec_set, model_NxKxTxD, targets_NxTxD):
+            readouts = lds_refs.spectral_readouts(family.solve(theta), spec_set)
+            return sequence_agreement(readouts, model_NxKxTxD, targets_NxTxD, mask_T)
+
+        return {"theta": theta, "scores": jax.vmap(score)(rest(spectra), model_setsxNxKxTxD[1:], targets[1:])}
+
+    per_seed_band = lambda fn: jax.vmap(jax.vmap(fn, in_axes=(None, 0)), in_axes=(0, None))
+    model_loss = per_seed_band(
+        lambda preds, mask: jax.vmap(_band_loss, in_axes=(0, 0, None))(preds[1:], targets[1:], mask)
+    )(model_preds, masks_BxT)
+    families = {f.name: per_seed_band(functools.partial(one, f))(model_preds, masks_BxT) for f in fams}
+    return {"model_loss": model_loss, "families": families}
+
+
+def _band_report(raw: dict, fams: list[SequenceFamily], band: int, scoring: list[str], n_sequences: int) -> dict:
+    """Ranking, families and verdict of one position band (`band`: its index in the raw results),
+    JSON-ready; laid out as a regression report (`explain`)."""
+    names = [f.name for f in fams]
+    held = scoring.index(HELDOUT)
+    nmse_SxF = np.stack([raw["families"][name]["scores"]["nmse"][:, band, held, -1] for name in names], 1)
+    rank = ranking(nmse_SxF, np.array([f.n_params for f in fams]), n_sequences, names)
+    report = {}
+    for f in fams:
+        r = raw["families"][f.name]
+        scores = {m: v[:, band] for m, v in r["scores"].items()}
+        entry = {"n_params": f.n_params, "about": f.about, "params": np.asarray(r["theta"][:, band]).tolist()}
+        for i, s in enumerate(scoring):
+            entry[s] = {m: metrics.mean_ci95(v[:, i, -1]) for m, v in scores.items()}
+            entry[s].update(model_cos=NOT_COMPUTED, model_diff=NOT_COMPUTED)
+        entry["per_layer"] = {m: scores[m][:, held].mean(0).tolist() for m in ("r2", "preds_diff")}
+        report[f.name] = entry
+    r2 = report[rank["winner"]][HELDOUT]["r2"]["mean"]
+    explains = bool(r2 >= EXPLAINS_R2)
+    if explains:
+        verdict = (
+            f"{rank['winner']} ({report[rank['winner']]['n_params']} parameter(s)) explains the model best: "
+            f"held-out R^2 {r2:.4f}; BIC margin {rank['margin']['mean']:.1f} over {rank['runner_up']}, "
+            f"lowest in {rank['wins']}/{rank['seeds']} seed(s)"
+        )
+    else:
+        verdict = (
+            f"no family explains the model: the best, {rank['winner']}, reaches held-out R^2 {r2:.4f} (< {EXPLAINS_R2})"
+        )
+    return {
+        "model": {s: {"loss": metrics.mean_ci95(raw["model_loss"][:, band, i, -1])} for i, s in enumerate(scoring)},
+        "families": report,
+        "ranking": rank,
+        "explains": explains,
+        "verdict": verdict,
+    }
+
+
+def explain_sequences(
+    model_fn: SequenceModelFn,
+    params_S,
+    task,
+    key: jax.Array,
+    *,
+    steps: int,
+    n_tasks: int = 2048,
+    iters: int = 50,
+) -> dict:
+    """The whole test for a sequence model given as `model_fn(params, tokens_BxTxW) -> [B, K, T, D]`
+    (a leading seed axis on `params_S`; tokens from `task.batch`): every family fitted, scored and
+    ranked on all positions at once (one algorithm with one set of scalars at every position) and on
+    each position band of its own (`position_bands`: a trained model need not use the same effective
+    step at every context length, e.g. softmax attention normalises by `t`; the fitted scalars per
+    band show the drift). A family explains a band when its held-out R^2 reaches `EXPLAINS_R2`
+    (no model cos: see `NOT_COMPUTED`). JSON-ready: the all-positions band at the top level, laid out
+    as a regression report, the sub-bands under `bands`."""
+    fams, omitted = sequence_families(steps, float(task.ridge_lambda))
+    sets = sequence_sets(task, key, n_tasks)
+    names = ["fit", *[name for name in sets if name != "fit"]]
+    states = jnp.stack([sets[name] for name in names])
+    evaluate = jax.jit(jax.vmap(jax.vmap(model_fn, in_axes=(None, 0)), in_axes=(0, None)))
+    model_preds = evaluate(params_S, jax.vmap(lambda s: task.batch(s).tokens)(states))
+    spectra = jax.jit(jax.vmap(lds_refs.spectra))(states)
+    length = states.shape[2] - 1
+    bands = {ALL_POSITIONS: (1, length), **position_bands(length)}
+    masks = jnp.stack([(jnp.arange(1, length + 1) >= a) & (jnp.arange(1, length + 1) <= b) for a, b in bands.values()])
+    eta0 = lds_refs.one_step_eta(sets["fit"])
+    raw = _fit_and_score_sequences(
+        spectra, states[:, :, 1:], model_preds, masks.astype(states.dtype), eta0, fams=tuple(fams), iters=iters
+    )
+    raw = jax.device_get(raw)
+    scoring = names[1:]
+    reports = {name: _band_report(raw, fams, i, scoring, n_tasks) for i, name in enumerate(bands)}
+    report = reports.pop(ALL_POSITIONS)
+    for name, band in reports.items():
+        band["positions"] = list(bands[name])
+    return {
+        "task": "lds",
+        "steps": steps,
+        "n_tasks": n_tasks,
+        "fit_iters": iters,
+        "seeds": int(np.asarray(raw["model_loss"]).shape[0]),
+        "sets": scoring,
+        "positions": [1, length],
+        **report,
+        "omitted": omitted,
+        "explains_threshold": EXPLAINS_R2,
+        "sensitivities": "not computed for sequence models: R^2 of the predictions only",
+        "bands": reports,
     }

@@ -247,6 +247,45 @@ def compare(frames: dict[str, pd.DataFrame], primaries: dict[str, str], stem: Pa
     return save(fig, stem)
 
 
+def compare_by_position(summaries: dict[str, dict], stem: Path) -> list[Path]:
+    """Sequence runs side by side (docs/science.md section 8): each run's loss by position (one
+    colour per run) with every reference (grey, one line style each; stepwise references once
+    per depth), and each run's model cos by position with its primary reference (solid) and
+    with its best reference by loss (dashed)."""
+    fig, (loss_ax, cos_ax) = plt.subplots(1, 2, figsize=(13, 4.6))
+    drawn: set[str] = set()
+    for i, (label, summary) in enumerate(summaries.items()):
+        color = f"C{i % 10}"
+        model = summary["final"]["loss_by_position"]
+        positions = np.arange(1, len(model["mean"]) + 1)
+        loss_ax.plot(positions, model["mean"], "o-", markersize=2.5, color=color, label=label)
+        refs = {n: e for n, e in summary["references"].items() if isinstance(e, dict) and "loss_by_position" in e}
+        for j, (name, entry) in enumerate(refs.items()):
+            ref_label = f"{name}, {entry['steps']} step(s)" if "steps" in entry else name
+            if ref_label not in drawn:
+                drawn.add(ref_label)
+                style = dict(color=str(0.15 + 0.6 * (j / max(len(refs) - 1, 1))), linestyle=REFERENCE_STYLES[j % 4])
+                loss_ax.plot(positions, entry["loss_by_position"], linewidth=1, label=ref_label, **style)
+        aligned = summary.get("alignment_by_position", {})
+        primary = next(iter(refs))
+        best = min(refs, key=lambda n: refs[n]["loss"])
+        for name, linestyle in ((primary, "-"), (best, "--")):
+            cos = aligned.get(_column("model_cos", name, primary))
+            if cos is not None and (linestyle == "-" or best != primary):
+                cos_ax.plot(positions, cos["mean"], color=color, linestyle=linestyle, label=f"{label} vs {name}")
+    loss_ax.set_yscale("log")
+    loss_ax.set_ylabel("loss")
+    loss_ax.set_title("loss by position (grey: references)", fontsize=10)
+    cos_ax.set_ylabel("model cos (sensitivity to s_t)")
+    cos_ax.set_title("model cos with the primary (solid) and best (dashed) reference", fontsize=10)
+    for ax in (loss_ax, cos_ax):
+        ax.set_xlabel("position t (predicting s_{t+1} from s_1..s_t)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("sequence runs compared", fontsize=10)
+    return save(fig, stem)
+
+
 OOD_PANELS = (
     ("input_scale", "inputs scaled by"),
     ("weight_scale", "weights scaled by"),

@@ -20,10 +20,36 @@ TINY = [
 ]
 
 
+# Sequence experiments: short sequences, narrow models, small analyses.
+TINY_LDS = [
+    "task.state_dim=3",
+    "task.length=8",
+    "train.steps=4",
+    "train.eval_every=2",
+    "train.batch_size=16",
+    "train.warmup_steps=2",
+    "eval.n_tasks=64",
+    "eval.line_search_tasks=256",
+    "eval.sensitivity_tasks=4",
+    "eval.probe_tasks=64",
+    "eval.probe_lags=3",
+    "eval.fewshot_tasks=32",
+    "eval.fewshot_batch=8",
+]
+
+
+def tiny_overrides(name: str) -> list[str]:
+    cfg = load_config([f"experiment={name}"])
+    if cfg.task.kind == "lds":
+        narrow = ["model.embed_dim=8", "model.key_size=4", "model.heads=2"] if cfg.model.embed_dim else []
+        tune = ["eval.fewshot_tune_steps=2"] if cfg.eval.fewshot_tune_steps else []
+        return [*TINY_LDS, *narrow, *tune, *(["task.hidden_dim=4"] if cfg.task.variant.name == "partial" else [])]
+    return [o for o in TINY if not (cfg.task.kind == "sine" and o.startswith("task.dim="))]  # sine: 1-d inputs
+
+
 @pytest.mark.parametrize("name", config.group_options("experiment"))
 def test_every_named_experiment_runs_a_few_steps(tmp_path, name):
-    is_sine = load_config([f"experiment={name}"]).task.kind == "sine"  # 1-d inputs only
-    tiny = [o for o in TINY if not (is_sine and o.startswith("task.dim="))]
+    tiny = tiny_overrides(name)
     result = experiment.train(load_config([f"experiment={name}", *tiny]), tmp_path / name, quiet=True)
     analyses.run_all(result)
     summary = result.summary

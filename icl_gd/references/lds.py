@@ -4,13 +4,15 @@ prefix sums `A_t = sum_{i<t} s_i s_i^T` and `B_t = sum_{i<t} s_{i+1} s_i^T` (zer
 
 - `ridge_online`: ridge least squares refitted at every position, `W_t = B_t (A_t + lambda I)^-1`;
 - `gd`: `K` GD steps (one per model layer) from `W = 0` on `1/2 sum_{i<t} ||W s_i - s_{i+1}||^2`,
-  `W <- W - eta (W A_t - B_t)`, one `eta` for every position and step, line-searched for the mean
-  loss of the final readout over positions on sequences of its own;
+  `W <- W - eta (W A_t - B_t)`, one `eta` for every position and step;
 - `richardson`, `newton_schulz`, `chebyshev`: `K` steps of truncated iterative solvers of the ridge
-  normal equations `W (A_t + lambda I) = B_t` (`icl_gd.references.solvers`), their scalars fitted
-  the same way on sequences of their own.
+  normal equations `W (A_t + lambda I) = B_t` (`icl_gd.references.solvers`).
 
-The stepwise references read out `W_k s_t` after each step: predictions `[K, T, D]`.
+The stepwise references read out `W_k s_t` after each step: predictions `[K, T, D]`. Their scalars
+minimise the mean loss of the final readout over positions on sequences of their own: one GD step's
+`eta` exactly on `eval.line_search_tasks` sequences; every other fit (GD with `K > 1`, the solvers)
+by Levenberg-Marquardt on a subsample of `FIT_SEQUENCES` sequences, through `A_t`'s
+eigendecomposition, in which any of these solvers costs `O(D^2)` per position (`Spectra`).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def spectral_filters(solve: Solve, eig: jax.Array) -> jax.Array:
     """`P_k(eig)` for every eigenvalue and step, `[..., K]`: the solver run on the `1 x 1` systems
     `(eig, 1, 1)` that its iteration decouples into in `A`'s eigenbasis."""
     one = jnp.ones((1, 1), eig.dtype)
-    run = jax.vmap(lambda lam: solve(lam * one, one, one[0])[:, 0])
+    run = jax.vmap(lambda eigenvalue: solve(eigenvalue * one, one, one[0])[:, 0])
     return run(eig.reshape(-1)).reshape(*eig.shape, -1)
 
 
@@ -188,22 +190,30 @@ class SolverParams:
     steps: int = field(metadata={"static": True})
 
 
-@functools.partial(jax.jit, static_argnames=("name", "steps", "lam", "iters"))
-def fit_solver(
-    spec: Spectra, targets_NxTxD: jax.Array, starts_CxP: jax.Array, *, name: str, steps: int, lam: float, iters: int
+def fit_spectral(
+    solve_of: Callable[[jax.Array], Solve], spec: Spectra, targets_NxTxD: jax.Array, starts_CxP: jax.Array, iters: int
 ) -> jax.Array:
-    """The scalars of solver `name` whose final readout best matches `targets` (least squares over
-    sequences, positions and coordinates) on sequences given by their `spectra`:
+    """The `theta` whose solver `solve_of(theta)` has the final readout closest to `targets` (least
+    squares over sequences, positions and coordinates) on sequences given by their spectra:
     Levenberg-Marquardt from the best of the starting points (it never ends above it). Each
     evaluation costs `O(D^2)` per position, whatever the solver (`spectral_readouts`)."""
 
     def residual(theta):
-        filters = spectral_filters(SOLVERS[name].solve(theta, steps, lam), spec.eig)[..., -1]
+        filters = spectral_filters(solve_of(theta), spec.eig)[..., -1]
         return (jnp.einsum("...ti,...tid->...td", filters, spec.z) - targets_NxTxD).ravel()
 
     costs = jax.vmap(lambda theta: jnp.sum(residual(theta) ** 2))(starts_CxP)
     best = starts_CxP[jnp.argmin(jnp.where(jnp.isfinite(costs), costs, jnp.inf))]
     return solvers.levenberg_marquardt(residual, best, targets_NxTxD.size, iters)
+
+
+@functools.partial(jax.jit, static_argnames=("name", "steps", "lam", "iters"))
+def fit_solver(
+    spec: Spectra, targets_NxTxD: jax.Array, starts_CxP: jax.Array, *, name: str, steps: int, lam: float, iters: int
+) -> jax.Array:
+    """`fit_spectral` for the `steps`-step solver `name` (`lam`: the task's ridge penalty), compiled
+    once per solver and shape."""
+    return fit_spectral(lambda theta: SOLVERS[name].solve(theta, steps, lam), spec, targets_NxTxD, starts_CxP, iters)
 
 
 def _fit(ctx: FitContext, name: str, states_NxTp1xD: jax.Array, eta: jax.Array) -> SolverParams:
@@ -262,5 +272,7 @@ register(
     ),
     ("lds",),
 )
-for seed, name in enumerate(("richardson", "newton_schulz", "chebyshev"), start=2):  # GD's data: fold_in(key, 1)
-    register(solver_reference(name, _fit_of_its_own(name, seed)), ("lds",))
+# Data of their own: fold_in(key, 2..4) (GD's is fold_in(key, 1)).
+register(solver_reference("richardson", _fit_of_its_own("richardson", 2)), ("lds",))
+register(solver_reference("newton_schulz", _fit_of_its_own("newton_schulz", 3)), ("lds",))
+register(solver_reference("chebyshev", _fit_of_its_own("chebyshev", 4)), ("lds",))
