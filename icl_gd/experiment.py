@@ -430,7 +430,8 @@ def _loop(
     final = final_summary(rows, last_eval, task)
     if task.sequence_sensitivities:
         aligned = sequence_alignment(model, params, refs, int(cfg.eval.sensitivity_tasks))
-        final.update({name: metrics.mean_ci95(v.mean(-1)) for name, v in aligned.items() if name.startswith("model_")})
+        # Means over t >= 2: at t = 1 the references have seen no pair and predict 0 whatever s_1.
+        final.update({n: metrics.mean_ci95(v[:, 1:].mean(-1)) for n, v in aligned.items() if n.startswith("model_")})
         summary["alignment_by_position"] = {name: metrics.mean_ci95(v) for name, v in aligned.items()}
     summary.update(
         status="completed",

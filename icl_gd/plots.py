@@ -182,14 +182,16 @@ def loss_by_position(summary: dict, stem: Path) -> list[Path]:
     primary = next(iter(summary["references"]))
     for i, (name, entry) in enumerate(summary["references"].items()):
         if isinstance(entry, dict) and "loss_by_position" in entry:
-            style = dict(color=f"C{i + 1}", linestyle=REFERENCE_STYLES[i % 4])
+            style = {"color": f"C{i + 1}", "linestyle": REFERENCE_STYLES[i % 4]}
             ax.plot(positions, entry["loss_by_position"], label=name, **style)
             cos = aligned.get(_column("model_cos", name, primary))
             if cos is not None:
-                axes[0, 1].plot(positions, cos["mean"], label=name, **style)
+                # From t = 2: at t = 1 the references predict 0 whatever s_1 (no pair seen).
+                axes[0, 1].plot(positions[1:], cos["mean"][1:], label=name, **style)
                 if cos["ci95"][0][0] is not None:
+                    lo, hi = cos["ci95"]
                     axes[0, 1].fill_between(
-                        positions, cos["ci95"][0], cos["ci95"][1], color=style["color"], alpha=0.15, linewidth=0
+                        positions[1:], lo[1:], hi[1:], color=style["color"], alpha=0.15, linewidth=0
                     )
     ax.set_yscale("log")
     ax.set_ylabel("loss")
@@ -264,15 +266,17 @@ def compare_by_position(summaries: dict[str, dict], stem: Path) -> list[Path]:
             ref_label = f"{name}, {entry['steps']} step(s)" if "steps" in entry else name
             if ref_label not in drawn:
                 drawn.add(ref_label)
-                style = dict(color=str(0.15 + 0.6 * (j / max(len(refs) - 1, 1))), linestyle=REFERENCE_STYLES[j % 4])
+                style = {"color": str(0.15 + 0.6 * (j / max(len(refs) - 1, 1))), "linestyle": REFERENCE_STYLES[j % 4]}
                 loss_ax.plot(positions, entry["loss_by_position"], linewidth=1, label=ref_label, **style)
         aligned = summary.get("alignment_by_position", {})
         primary = next(iter(refs))
         best = min(refs, key=lambda n: refs[n]["loss"])
         for name, linestyle in ((primary, "-"), (best, "--")):
             cos = aligned.get(_column("model_cos", name, primary))
-            if cos is not None and (linestyle == "-" or best != primary):
-                cos_ax.plot(positions, cos["mean"], color=color, linestyle=linestyle, label=f"{label} vs {name}")
+            if cos is not None and (linestyle == "-" or best != primary):  # from t = 2, as in loss_by_position
+                cos_ax.plot(
+                    positions[1:], cos["mean"][1:], color=color, linestyle=linestyle, label=f"{label} vs {name}"
+                )
     loss_ax.set_yscale("log")
     loss_ax.set_ylabel("loss")
     loss_ax.set_title("loss by position (grey: references)", fontsize=10)
