@@ -381,12 +381,9 @@ def validate(cfg: DictConfig) -> None:
     _require(0 <= tr.b2 < 1, "train.b2", "a number in [0, 1)", tr.b2)
     _require(tr.weight_decay >= 0, "train.weight_decay", "a number >= 0", tr.weight_decay)
     _require(tr.clip_norm > 0, "train.clip_norm", "a number > 0", tr.clip_norm)
-    _require(
-        0 <= tr.warmup_steps <= tr.steps,
-        "train.warmup_steps",
-        f"an integer in [0, train.steps={tr.steps}]",
-        tr.warmup_steps,
-    )
+    if tr.schedule.name == "warmup_cosine":
+        allowed = f"an integer in [0, train.steps={tr.steps}] with train.schedule=warmup_cosine"
+        _require(0 <= tr.warmup_steps <= tr.steps, "train.warmup_steps", allowed, tr.warmup_steps)
     _require(math.isfinite(tr.end_lr) and tr.end_lr >= 0, "train.end_lr", "a number >= 0", tr.end_lr)
     _require(tr.seeds >= 1, "train.seeds", "an integer >= 1", tr.seeds)
     _require(tr.seed >= 0, "train.seed", "an integer >= 0", tr.seed)

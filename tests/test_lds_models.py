@@ -128,7 +128,10 @@ def test_key_size_sets_the_factor_shapes():
         (["model.mesa_impl=lu"], "model.mesa_impl: got 'lu'; allowed: scan | solve"),
         (["model.mesa_lambda=0"], "model.mesa_lambda: got 0"),
         (["task=lds", "task.tokens=classic"], "task.tokens: got 'classic'; allowed: constructed | raw"),
-        (["train.warmup_steps=99999"], "train.warmup_steps: got 99999; allowed: an integer in [0, train.steps=5000]"),
+        (
+            ["train.schedule=warmup_cosine", "train.warmup_steps=99999"],
+            "train.warmup_steps: got 99999; allowed: an integer in [0, train.steps=5000]",
+        ),
     ],
 )
 def test_bad_sequence_model_configs_fail_in_one_line(overrides, message):

@@ -185,7 +185,10 @@ def test_fit_gdpp_finds_growing_steps_that_one_start_misses():
 
 
 def test_each_task_kind_declares_registered_references():
-    for kind, declared in (("linear", ("gd", "gdpp", "ols", "ridge")), ("lds", ("gd", "ridge_online"))):
+    for kind, declared in (
+        ("linear", ("gd", "gdpp", "ols", "ridge")),
+        ("lds", ("gd", "ridge_online", "richardson", "newton_schulz", "chebyshev")),
+    ):
         task = tasks.from_config(config.load_config([f"task={kind}"]).task)
         assert tuple(r.name for r in references.for_task(task)) == declared == task.references
 
