@@ -35,3 +35,32 @@ def tiny_run(tmp_path_factory):
         ]
     )
     return experiment.train(cfg, tmp_path_factory.mktemp("runs") / "tiny", quiet=True)
+
+
+# One tiny sequence run (task=lds, 2 layers, 2 seeds) for the analyses of sequence models.
+TINY_LDS_RUN = [
+    "task=lds",
+    "task.length=10",
+    "task.state_dim=3",
+    "model.layers=2",
+    "train.steps=20",
+    "train.eval_every=10",
+    "train.batch_size=64",
+    "train.seeds=2",
+    "train.progress=false",
+    "eval.n_tasks=200",
+    "eval.line_search_tasks=1000",
+    "eval.sensitivity_tasks=16",
+    "eval.probe_tasks=256",
+    "eval.probe_lags=3",
+    "eval.fewshot_tasks=256",
+    "eval.fewshot_tune_steps=5",
+    "eval.fewshot_prefix=1",
+    "eval.fewshot_batch=32",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_lds_run(tmp_path_factory):
+    """A 2-seed, 2-layer linear-attention run of 20 steps on short sequences (analyses write into it)."""
+    return experiment.train(load_config(TINY_LDS_RUN), tmp_path_factory.mktemp("runs") / "tiny_lds", quiet=True)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from icl_gd import analyses, config, experiment, fewshot, runs
+from icl_gd import analyses, config, fewshot, runs
 from icl_gd.cli import app
 from icl_gd.config import ConfigError
 
@@ -105,26 +105,8 @@ def test_tuning_lowers_the_loss_of_a_frozen_predictor_that_reads_the_separator()
     np.testing.assert_allclose(after, dim / 6, rtol=0.15)
 
 
-def test_fewshot_analysis_via_the_cli_writes_every_file(tmp_path):
-    cfg = config.load_config(
-        [
-            "task=lds",
-            "task.length=10",
-            "task.state_dim=3",
-            "train.steps=20",
-            "train.eval_every=10",
-            "train.batch_size=64",
-            "train.seeds=2",
-            "train.progress=false",
-            "eval.n_tasks=200",
-            "eval.line_search_tasks=1000",
-            "eval.fewshot_tasks=256",
-            "eval.fewshot_tune_steps=5",
-            "eval.fewshot_prefix=1",
-            "eval.fewshot_batch=32",
-        ]
-    )
-    run_dir = experiment.train(cfg, tmp_path / "run", quiet=True).run_dir
+def test_fewshot_analysis_via_the_cli_writes_every_file(tiny_lds_run):
+    run_dir = tiny_lds_run.run_dir
     result = CliRunner().invoke(app, ["analyze", str(run_dir), "fewshot"])
     assert result.exit_code == 0, result.output
     for file in analyses.REGISTRY["fewshot"].files:

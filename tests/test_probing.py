@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from icl_gd import analyses, cli, config, experiment, probing, runs, tasks
+from icl_gd import analyses, cli, config, probing, runs, tasks
 
 LDS = ["task=lds", "task.length=10", "task.state_dim=3"]
 
@@ -89,46 +89,26 @@ def test_lags_in_constructed_tokens():
     assert built.startswith("the first layer builds the pair") and "adds lag(s) [2]" in built
 
 
-@pytest.fixture(scope="module")
-def lds_run(tmp_path_factory):
-    cfg = config.load_config(
-        [
-            *LDS,
-            "model.layers=2",
-            "train.steps=20",
-            "train.eval_every=10",
-            "train.batch_size=64",
-            "train.seeds=2",
-            "train.progress=false",
-            "eval.n_tasks=200",
-            "eval.line_search_tasks=1000",
-            "eval.probe_tasks=256",
-            "eval.probe_lags=3",
-        ]
-    )
-    return experiment.train(cfg, tmp_path_factory.mktemp("probing") / "run", quiet=True)
-
-
 @pytest.mark.parametrize("name", ["probes", "first_layer"])
-def test_analyze_cli_writes_every_promised_file(lds_run, name):
-    result = CliRunner().invoke(cli.app, ["analyze", str(lds_run.run_dir), name])
+def test_analyze_cli_writes_every_promised_file(tiny_lds_run, name):
+    result = CliRunner().invoke(cli.app, ["analyze", str(tiny_lds_run.run_dir), name])
     assert result.exit_code == 0, result.output
     for file in analyses.REGISTRY[name].files:
-        assert (lds_run.run_dir / file).stat().st_size > 0, file
-    summary = runs.load_summary(lds_run.run_dir)["analyses"][name]
+        assert (tiny_lds_run.run_dir / file).stat().st_size > 0, file
+    summary = runs.load_summary(tiny_lds_run.run_dir)["analyses"][name]
     if name == "probes":
         assert list(summary["targets"]) == ["s_t", "s_t-1", "s_t+1", "preconditioned", "control"]
         r2 = summary["r2_by_layer"]
         assert len(r2["s_t"]["per_seed"]) == 2 and len(r2["s_t"]["mean"]) == 3  # embedding, 2 layers
         assert r2["s_t"]["mean"][0] == pytest.approx(1.0, abs=1e-3)  # in the token itself
         assert max(r2["control"]["mean"]) < 0.05
-        full = json.loads((lds_run.run_dir / "analyses/probes/probes.json").read_text())
+        full = json.loads((tiny_lds_run.run_dir / "analyses/probes/probes.json").read_text())
         assert np.array(full["r2"]["s_t-1"]["per_seed"], dtype=float).shape == (2, 3, 10)
-        assert len(pd.read_csv(lds_run.run_dir / "analyses/probes/probes.csv")) == 5 * 2 * 3 * 10
+        assert len(pd.read_csv(tiny_lds_run.run_dir / "analyses/probes/probes.csv")) == 5 * 2 * 3 * 10
     else:
         assert summary["lags"] == [0, 1, 2, 3] and summary["readable_before"] == [0, 1]
         assert summary["finding"].startswith("the pair (s_t, s_{t-1}) is in the tokens from the start")
-        assert len(pd.read_csv(lds_run.run_dir / "analyses/first_layer/first_layer.csv")) == 2 * 2 * 4
+        assert len(pd.read_csv(tiny_lds_run.run_dir / "analyses/first_layer/first_layer.csv")) == 2 * 2 * 4
 
 
 def test_probe_analyses_refuse_other_tasks_and_too_many_lags():
