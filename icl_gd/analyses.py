@@ -414,15 +414,19 @@ def check_explain(
     if status != "completed":
         raise ExplainError(f"RUN_DIR: {run_dir} is a {status} run; allowed: a completed run")
     cfg = runs.load_config(run_dir)
-    if cfg.task.kind != "linear":
+    if cfg.task.kind not in ("linear", "lds"):
         raise ExplainError(
-            f"task.kind: explain tests linear-regression hypotheses; got {cfg.task.kind!r}, allowed: linear"
+            "task.kind: explain tests linear-regression and linear-dynamics hypotheses; "
+            f"got {cfg.task.kind!r}, allowed: linear, lds"
         )
     n_seeds = int(cfg.train.seeds)
     seeds = list(range(n_seeds)) if seeds is None else [int(s) for s in seeds]
     if not seeds or any(not 0 <= s < n_seeds for s in seeds):
         raise ExplainError(f"--seed: got {seeds}; allowed: seeds in 0..{n_seeds - 1} (this run has {n_seeds})")
-    fams, _ = explain_lib.families(int(cfg.task.dim), int(cfg.model.layers), float(cfg.task.noise_std))
+    if cfg.task.kind == "lds":
+        fams, _ = explain_lib.sequence_families(int(cfg.model.layers), float(cfg.task.ridge_lambda))
+    else:
+        fams, _ = explain_lib.families(int(cfg.task.dim), int(cfg.model.layers), float(cfg.task.noise_std))
     least = max(MIN_EXPLAIN_TASKS, 2 * max(f.n_params for f in fams))
     if n_tasks < least:
         raise ExplainError(
@@ -445,13 +449,16 @@ def explain_run(
 ) -> tuple[dict, Path]:
     """Run `icl_gd.explain` on the trained model of the given seeds (all by default) and write
     `explain.json`, the ranking figure, the weight heatmaps (first seed) and, for deep models,
-    the per-layer figure to `out` (default `RUN_DIR/explain`), which must not exist. Files appear
-    all at once: they are written to a temporary folder that is then renamed."""
+    the per-layer figure to `out` (default `RUN_DIR/explain`), which must not exist; for sequence
+    tasks (`explain_sequences`), `explain.json`, the ranking and the position-band figures. Files
+    appear all at once: they are written to a temporary folder that is then renamed."""
     run_dir = Path(trained.run_dir)
     out, seeds = check_explain(run_dir, seeds, n_tasks, iters, out)
     started = time.time()
     cfg, model = trained.cfg, trained.model
     params_S = jax.tree_util.tree_map(lambda a: a[np.asarray(seeds)], trained.params)
+    if cfg.task.kind == "lds":
+        return _explain_sequences_run(trained, params_S, seeds, n_tasks, iters, out, started)
 
     def model_fn(p, x, y, xq):
         return models.regression_readout(model.arch, model.weights(p), _regression(trained), x, y, xq)
@@ -479,6 +486,40 @@ def explain_run(
         plots.weight_heatmaps(attn.w_kq[0], attn.w_pv[0], tmp / "weights", f"{report['experiment']}, seed {seeds[0]}")
         if report["steps"] > 1:
             plots.explain_layers(report, tmp / "layers")
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report, out
+
+
+def _explain_sequences_run(
+    trained: runs.Trained, params_S, seeds: list[int], n_tasks: int, iters: int, out: Path, started: float
+) -> tuple[dict, Path]:
+    """`explain_run` for a sequence task: no weight structure (the GD blocks of docs/science.md
+    section 4 are written for regression tokens), so `weights` lists none for each seed."""
+    cfg = trained.cfg
+    report = explain_lib.explain_sequences(
+        trained.model.predict,
+        params_S,
+        trained.task,
+        _eval_key(cfg, 2),
+        steps=int(cfg.model.layers),
+        n_tasks=n_tasks,
+        iters=iters,
+    )
+    report.update(
+        run=str(trained.run_dir),
+        experiment=trained.summary.get("experiment"),
+        seed_ids=seeds,
+        weights={"per_seed": [[] for _ in seeds]},
+        wall_time_s=time.time() - started,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        runs.write_json(tmp / EXPLAIN_FILE, report)
+        plots.explain_ranking(report, tmp / "ranking")
+        plots.explain_bands(report, tmp / "bands")
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -428,6 +428,34 @@ def explain_layers(report: dict, stem: Path) -> list[Path]:
     return save(fig, stem)
 
 
+def explain_bands(report: dict, stem: Path) -> list[Path]:
+    """Sequence tasks: per position band (all positions first), each family's BIC above the band's
+    winner (95% interval across seeds; families in the all-positions order) and its held-out R^2."""
+    bands = {"all positions": report, **{f"positions {name}": band for name, band in report["bands"].items()}}
+    names = report["ranking"]["order"]
+    fig, axes = plt.subplots(
+        1, len(bands), figsize=(5 * len(bands), 0.45 * len(names) + 2), squeeze=False, layout="constrained"
+    )
+    y = np.arange(len(names))
+    for ax, (title, band) in zip(axes[0], bands.items(), strict=True):
+        delta = band["ranking"]["delta"]
+        means = np.array([delta[n]["mean"] for n in names])
+        lo = np.array([delta[n]["ci95"][0] if delta[n]["ci95"][0] is not None else delta[n]["mean"] for n in names])
+        hi = np.array([delta[n]["ci95"][1] if delta[n]["ci95"][1] is not None else delta[n]["mean"] for n in names])
+        ax.barh(y, means, xerr=[means - lo, hi - means], color="C0")
+        r2 = [f"R^2 {band['families'][n]['heldout']['r2']['mean']:.3f}" for n in names]
+        if ax is axes[0, 0]:
+            r2 = [f"{n} ({report['families'][n]['n_params']}), {r}" for n, r in zip(names, r2, strict=True)]
+        ax.set_yticks(y, r2)
+        ax.invert_yaxis()
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlabel("BIC above the band's winner")
+        ax.set_title(f"{title}: {band['ranking']['winner']}", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"which family explains the model, by position band; {report['verdict']}", fontsize=9)
+    return save(fig, stem)
+
+
 def depth_extrapolation(df: pd.DataFrame, trained: int, damping: float, stem: Path) -> list[Path]:
     """Loss and model cos of a recurrent layer iterated past its training depth, next to GD and GD++."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))

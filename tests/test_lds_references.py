@@ -116,17 +116,36 @@ def test_fitted_solvers_lose_no_more_than_gd_on_held_out_sequences(fitted_refs):
 
 
 def test_gd_eta_is_the_best_for_its_steps(fitted_refs):
-    """The fitted eta of 3 GD steps minimises the final loss on the sequences it was fitted on."""
+    """The fitted eta of 3 GD steps minimises the final loss on the (weighted) sequences it was fitted on."""
     cfg = config.load_config([*SMALL, "model.layers=3"])
     task = fitted_refs.task
     states = task.states(jax.random.fold_in(jax.random.key(int(cfg.eval.seed)), 1), int(cfg.eval.line_search_tasks))
+    subsample, weights = lds.stratified_subsample(states, lds.FIT_SEQUENCES)
     eta = float(fitted_refs.params["gd"].theta[0])
 
     def loss(e):
-        preds = jax.vmap(lambda s: predict(task, "gd", [e], 3, s)[-1])(states[: lds.FIT_SEQUENCES])
-        return float(0.5 * jnp.mean(jnp.sum((preds - states[: lds.FIT_SEQUENCES, 1:]) ** 2, -1)))
+        preds = jax.vmap(lambda s: predict(task, "gd", [e], 3, s)[-1])(subsample)
+        return float(0.5 * jnp.sum(weights * jnp.mean(jnp.sum((preds - subsample[:, 1:]) ** 2, -1), -1)))
 
     assert loss(eta) < min(loss(0.97 * eta), loss(1.03 * eta))
+
+
+def test_stratified_subsample_enumerates_the_tail():
+    """Half the subsample is the sequences with the largest eigenvalue of A_T (by a bound within a
+    factor D^(1/16) above it), at their share 1/N; the weights sum to 1."""
+    task = make("task.length=12", "task.state_dim=3")
+    states = task.states(jax.random.key(4), 300)
+    subsample, weights = lds.stratified_subsample(states, 100)
+    bound = np.asarray(jax.vmap(lds.largest_eigenvalue_bound)(states), np.float64)
+    exact = np.linalg.eigvalsh(np.asarray(jax.vmap(lambda s: lds.normal_equations(s)[0][-1])(states), np.float64))
+    assert np.all(bound >= exact[:, -1] * (1 - 1e-5)) and np.all(bound <= exact[:, -1] * 3 ** (1 / 16))
+    chosen = [int(np.flatnonzero((np.asarray(states) == np.asarray(s)).all((1, 2)))[0]) for s in subsample]
+    assert sorted(chosen[:50]) == sorted(np.argsort(-bound)[:50].tolist()) and len(set(chosen)) == 100
+    np.testing.assert_allclose(weights[:50], 1 / 300, rtol=1e-6)
+    np.testing.assert_allclose(weights[50:], 250 / (300 * 50), rtol=1e-6)
+    assert float(weights.sum()) == pytest.approx(1.0, rel=1e-6)
+    all_states, equal = lds.stratified_subsample(states[:80], 100)
+    assert all_states.shape == (80, 13, 3) and np.allclose(equal, 1 / 80)
 
 
 def test_describe_is_json_ready(fitted_refs):
@@ -148,5 +167,6 @@ def test_fit_recovers_the_scalars_of_a_solver():
     for name, theta in (("gd", [0.08]), ("richardson", [0.09, 1.5]), ("chebyshev", [9.0, 6.0])):
         targets = lds.spectral_readouts(lds.SOLVERS[name].solve(jnp.array(theta), 3, task.ridge_lambda), spec)[:, -1]
         starts = lds.SOLVERS[name].starts(jnp.float32(0.1))
-        fitted = lds.fit_solver(spec, targets, starts, name=name, steps=3, lam=task.ridge_lambda, iters=30)
+        weights = jnp.full((lds.FIT_SEQUENCES,), 1.0 / lds.FIT_SEQUENCES)
+        fitted = lds.fit_solver(spec, targets, weights, starts, name=name, steps=3, lam=task.ridge_lambda, iters=30)
         np.testing.assert_allclose(fitted, theta, rtol=1e-3)

@@ -9,10 +9,12 @@ prefix sums `A_t = sum_{i<t} s_i s_i^T` and `B_t = sum_{i<t} s_{i+1} s_i^T` (zer
   normal equations `W (A_t + lambda I) = B_t` (`icl_gd.references.solvers`).
 
 The stepwise references read out `W_k s_t` after each step: predictions `[K, T, D]`. Their scalars
-minimise the mean loss of the final readout over positions on sequences of their own: one GD step's
-`eta` exactly on `eval.line_search_tasks` sequences; every other fit (GD with `K > 1`, the solvers)
-by Levenberg-Marquardt on a subsample of `FIT_SEQUENCES` sequences, through `A_t`'s
-eigendecomposition, in which any of these solvers costs `O(D^2)` per position (`Spectra`).
+minimise the mean loss of the final readout over positions on `eval.line_search_tasks` sequences of
+their own: exactly for one GD step; for the other fits (GD with `K > 1`, the solvers) by
+Levenberg-Marquardt on a stratified subsample of `FIT_SEQUENCES` of them (`stratified_subsample`),
+through `A_t`'s eigendecomposition, in which any of these solvers costs `O(D^2)` per position
+(`Spectra`). The subsample keeps every sequence of the tail that dominates the mean: a `K`-step
+solver diverges where `A_t`'s largest eigenvalue is too large for its step sizes.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from icl_gd.references import solvers
 from icl_gd.references.registry import FitContext, Reference, register
 
 LINE_SEARCH_CHUNK = 1024  # sequences per chunk of the one-step line search (bounds its memory)
-FIT_SEQUENCES = 1024  # sequences of the nonlinear fits (all of eval.line_search_tasks when fewer)
+FIT_SEQUENCES = 1024  # the subsample of the nonlinear fits: half the tail, half the rest
+SQUARINGS = 4  # the largest eigenvalue of a sequence's last A_t, from the trace of its 16th power
 FIT_ITERS = 30  # Levenberg-Marquardt steps of those fits
 STEP_MULTIPLES = (0.25, 0.5, 1.0, 2.0)  # starting step sizes of the fits, in units of a GD eta
 
@@ -52,12 +55,23 @@ def per_position(solve: Solve, a_TxDxD: jax.Array, b_TxDxD: jax.Array, queries_T
     return jnp.swapaxes(jax.vmap(solve)(a_TxDxD, b_TxDxD, queries_TxD), 0, 1)
 
 
+def _shifted(a_DxD: jax.Array, lam: float | jax.Array) -> jax.Array:
+    return a_DxD + lam * jnp.eye(a_DxD.shape[-1], dtype=a_DxD.dtype)
+
+
+def ridge(lam: float | jax.Array, steps: int = 1) -> Solve:
+    """Ridge on the normal equations, `B (A + lam I)^-1 q`, the same at each of `steps` readouts;
+    an SPD solve of its own (no LAPACK call)."""
+
+    def solve(a_DxD: jax.Array, b_OxD: jax.Array, q_D: jax.Array) -> jax.Array:
+        return jnp.broadcast_to(b_OxD @ spd_solve(_shifted(a_DxD, lam), q_D), (steps, b_OxD.shape[0]))
+
+    return solve
+
+
 def ridge_online_predict(task, lam: jax.Array, queries_TxD: jax.Array, states_Tp1xD: jax.Array) -> jax.Array:
-    """Ridge least squares on the pairs seen so far, at every position: `[1, T, D]`. Each position
-    solves its own SPD system (no LAPACK call)."""
-    a, b = normal_equations(states_Tp1xD)
-    eye = jnp.eye(a.shape[-1], dtype=a.dtype)
-    return jnp.einsum("tde,te->td", b, jax.vmap(spd_solve)(a + lam * eye, queries_TxD))[None]
+    """Ridge least squares on the pairs seen so far, at every position: `[1, T, D]`."""
+    return per_position(ridge(lam), *normal_equations(states_Tp1xD), queries_TxD)
 
 
 class Spectra(NamedTuple):
@@ -131,10 +145,6 @@ class Solver(NamedTuple):
     starts: Callable[[jax.Array], jax.Array]
 
 
-def _shifted(a_DxD: jax.Array, lam: float | jax.Array) -> jax.Array:
-    return a_DxD + lam * jnp.eye(a_DxD.shape[-1], dtype=a_DxD.dtype)
-
-
 def _grid(first: jax.Array, second: jax.Array) -> jax.Array:
     """Every pair `(first_i, second_j)`: `[len(first) * len(second), 2]`."""
     return jnp.stack(jnp.meshgrid(first, second, indexing="ij"), -1).reshape(-1, 2)
@@ -190,17 +200,55 @@ class SolverParams:
     steps: int = field(metadata={"static": True})
 
 
+def largest_eigenvalue_bound(states_Tp1xD: jax.Array) -> jax.Array:
+    """`(tr A_T^p)^(1/p)` with `p = 2^SQUARINGS`, at the last position (`A_t` only grows with `t`): at
+    least `A_T`'s largest eigenvalue and at most `D^(1/p)` times it, by repeated squaring of
+    `A_T / tr A_T` (no start vector to be unlucky with, no LAPACK call)."""
+    inputs = states_Tp1xD[:-2]
+    gram = inputs.T @ inputs
+    trace = jnp.trace(gram)
+    power = jax.lax.fori_loop(0, SQUARINGS, lambda _, m: m @ m, gram / trace)  # eigenvalues in [0, 1]
+    return trace * jnp.trace(power) ** (1.0 / 2**SQUARINGS)
+
+
+@functools.partial(jax.jit, static_argnames="n_fit")
+def stratified_subsample(states_NxTp1xD: jax.Array, n_fit: int) -> tuple[jax.Array, jax.Array]:
+    """`n_fit` of the sequences and their weights `[n_fit]` (summing to 1), such that a weighted mean
+    over them is an unbiased estimate of the plain mean over all `N`: the `n_fit / 2` sequences with
+    the largest `largest_eigenvalue_bound` (weight `1/N` each: the tail is enumerated, not sampled), and as
+    many of the others (an arbitrary choice among i.i.d. sequences is a uniform sample), each
+    standing for its share of them. All of them, equally weighted, when `N <= n_fit`."""
+    n = states_NxTp1xD.shape[0]
+    if n <= n_fit:
+        return states_NxTp1xD, jnp.full((n,), 1.0 / n, states_NxTp1xD.dtype)
+    n_tail = n_fit // 2
+    tail = jax.lax.top_k(jax.vmap(largest_eigenvalue_bound)(states_NxTp1xD), n_tail)[1]
+    others = jnp.nonzero(jnp.ones(n, bool).at[tail].set(False), size=n_fit - n_tail)[0]
+    weights = jnp.concatenate(
+        [jnp.full((n_tail,), 1.0 / n), jnp.full((n_fit - n_tail,), (n - n_tail) / (n * (n_fit - n_tail)))]
+    )
+    return states_NxTp1xD[jnp.concatenate([tail, others])], weights.astype(states_NxTp1xD.dtype)
+
+
 def fit_spectral(
-    solve_of: Callable[[jax.Array], Solve], spec: Spectra, targets_NxTxD: jax.Array, starts_CxP: jax.Array, iters: int
+    solve_of: Callable[[jax.Array], Solve],
+    spec: Spectra,
+    targets_NxTxD: jax.Array,
+    starts_CxP: jax.Array,
+    iters: int,
+    weights_N: jax.Array | None = None,
 ) -> jax.Array:
     """The `theta` whose solver `solve_of(theta)` has the final readout closest to `targets` (least
-    squares over sequences, positions and coordinates) on sequences given by their spectra:
-    Levenberg-Marquardt from the best of the starting points (it never ends above it). Each
-    evaluation costs `O(D^2)` per position, whatever the solver (`spectral_readouts`)."""
+    squares over sequences, positions and coordinates, sequences weighted by `weights`) on sequences
+    given by their spectra: Levenberg-Marquardt from the best of the starting points (it never ends
+    above it). Each evaluation costs `O(D^2)` per position, whatever the solver (`spectral_readouts`)."""
+    if starts_CxP.shape[1] == 0:  # nothing to fit
+        return starts_CxP[0]
+    scale = 1.0 if weights_N is None else jnp.sqrt(weights_N)[:, None, None]
 
     def residual(theta):
         filters = spectral_filters(solve_of(theta), spec.eig)[..., -1]
-        return (jnp.einsum("...ti,...tid->...td", filters, spec.z) - targets_NxTxD).ravel()
+        return (scale * (jnp.einsum("...ti,...tid->...td", filters, spec.z) - targets_NxTxD)).ravel()
 
     costs = jax.vmap(lambda theta: jnp.sum(residual(theta) ** 2))(starts_CxP)
     best = starts_CxP[jnp.argmin(jnp.where(jnp.isfinite(costs), costs, jnp.inf))]
@@ -209,31 +257,46 @@ def fit_spectral(
 
 @functools.partial(jax.jit, static_argnames=("name", "steps", "lam", "iters"))
 def fit_solver(
-    spec: Spectra, targets_NxTxD: jax.Array, starts_CxP: jax.Array, *, name: str, steps: int, lam: float, iters: int
+    spec: Spectra,
+    targets_NxTxD: jax.Array,
+    weights_N: jax.Array,
+    starts_CxP: jax.Array,
+    *,
+    name: str,
+    steps: int,
+    lam: float,
+    iters: int,
 ) -> jax.Array:
     """`fit_spectral` for the `steps`-step solver `name` (`lam`: the task's ridge penalty), compiled
     once per solver and shape."""
-    return fit_spectral(lambda theta: SOLVERS[name].solve(theta, steps, lam), spec, targets_NxTxD, starts_CxP, iters)
+    solve_of = lambda theta: SOLVERS[name].solve(theta, steps, lam)
+    return fit_spectral(solve_of, spec, targets_NxTxD, starts_CxP, iters, weights_N)
 
 
 def _fit(ctx: FitContext, name: str, states_NxTp1xD: jax.Array, eta: jax.Array) -> SolverParams:
-    """Solver `name` fitted for the mean loss of its final readout over positions on the sequences,
-    from starts around `eta`."""
-    starts = SOLVERS[name].starts(eta)
+    """Solver `name` fitted for the mean loss of its final readout over positions on the sequences
+    (a stratified subsample of them), from starts around `eta`."""
+    subsample, weights = stratified_subsample(states_NxTp1xD, FIT_SEQUENCES)
     lam = float(ctx.task.ridge_lambda)
     theta = fit_solver(
-        spectra(states_NxTp1xD), states_NxTp1xD[:, 1:], starts, name=name, steps=ctx.steps, lam=lam, iters=FIT_ITERS
+        spectra(subsample),
+        subsample[:, 1:],
+        weights,
+        SOLVERS[name].starts(eta),
+        name=name,
+        steps=ctx.steps,
+        lam=lam,
+        iters=FIT_ITERS,
     )
     return SolverParams(theta, ctx.steps)
 
 
 def _fit_gd(ctx: FitContext) -> SolverParams:
     """One `eta` shared by the `K` steps, on `eval.line_search_tasks` sequences of its own: exact
-    for one step; for more, fitted on the first `FIT_SEQUENCES` of them from starts around the
-    one-step `eta`."""
+    for one step; for more, fitted from starts around the one-step `eta`."""
     states = ctx.task.states(jax.random.fold_in(ctx.key, 1), int(ctx.cfg.eval.line_search_tasks))
     eta = one_step_eta(states)
-    return SolverParams(eta[None], 1) if ctx.steps == 1 else _fit(ctx, "gd", states[:FIT_SEQUENCES], eta)
+    return SolverParams(eta[None], 1) if ctx.steps == 1 else _fit(ctx, "gd", states, eta)
 
 
 def solver_reference(name: str, fit: Callable[[FitContext], SolverParams]) -> Reference:
@@ -251,12 +314,12 @@ def solver_reference(name: str, fit: Callable[[FitContext], SolverParams]) -> Re
 
 
 def _fit_of_its_own(name: str, seed: int) -> Callable[[FitContext], SolverParams]:
-    """Fit solver `name` on `FIT_SEQUENCES` sequences of its own (`fold_in(key, seed)`; a subsample of
-    `eval.line_search_tasks`) from starts around the fitted GD's `eta`."""
+    """Fit solver `name` on `eval.line_search_tasks` sequences of its own (`fold_in(key, seed)`) from
+    starts around the fitted GD's `eta`."""
 
     def fit(ctx: FitContext) -> SolverParams:
-        n = min(FIT_SEQUENCES, int(ctx.cfg.eval.line_search_tasks))
-        return _fit(ctx, name, ctx.task.states(jax.random.fold_in(ctx.key, seed), n), ctx.fitted["gd"].theta[0])
+        states = ctx.task.states(jax.random.fold_in(ctx.key, seed), int(ctx.cfg.eval.line_search_tasks))
+        return _fit(ctx, name, states, ctx.fitted["gd"].theta[0])
 
     return fit
 

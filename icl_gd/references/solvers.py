@@ -72,18 +72,18 @@ def levenberg_marquardt(
     residual: Callable[[jax.Array], jax.Array], theta0_P: jax.Array, n_residuals: int, iters: int
 ) -> jax.Array:
     """Minimise `sum(residual(theta)^2)` (`residual: [P] -> [n_residuals]`) by damped Gauss-Newton,
-    compiled as one scan of `iters` steps: a step is kept only if it lowers the cost (the damping
-    then shrinks), else the damping grows (Marquardt's scaling by `diag(J^T J)`). Frozen once a
-    kept step gains less than 1e-7 of the cost (a fixed-length scan: under `vmap` over seeds a
-    while loop would run until the slowest one converges anyway); families linear in their
-    parameters converge in one step. The residual and its Jacobian are computed once per step, at
-    the candidate; the loop starts from a zero Jacobian and infinite cost, so that its first candidate
-    is `theta0` itself (the result never costs more than `theta0`)."""
+    compiled as one loop of at most `iters` steps: a step is kept only if it lowers the cost (the
+    damping then shrinks), else the damping grows (Marquardt's scaling by `diag(J^T J)`). It stops
+    once a kept step gains less than 1e-7 of the cost (under `vmap`, once every fit has; a stopped
+    fit no longer changes); families linear in their parameters converge in one step. The residual
+    and its Jacobian are computed once per step, at the candidate; the loop starts from a zero
+    Jacobian and infinite cost, so that its first candidate is `theta0` itself (the result never
+    costs more than `theta0`)."""
     n_params = theta0_P.shape[0]
     eye = jnp.eye(n_params, dtype=theta0_P.dtype)
 
-    def step(carry, _):
-        theta, r, jac_RxP, value, damping, done = carry
+    def step(carry):
+        i, theta, r, jac_RxP, value, damping, done = carry
         jtj = jac_RxP.T @ jac_RxP
         diag = jnp.diag(jtj) + 1e-9 * jnp.max(jnp.diag(jtj)) + 1e-30
         candidate = theta - spd_solve(jtj + damping * jnp.diag(diag), jac_RxP.T @ r)
@@ -94,21 +94,23 @@ def levenberg_marquardt(
         converged = better & jnp.isfinite(value) & (value - new_value <= 1e-7 * value)
         damping = jnp.where(done, damping, jnp.where(better | ~jnp.isfinite(value), damping * 0.3, damping * 4.0))
         return (
+            i + 1,
             keep(candidate, theta),
             keep(r_new, r),
             keep(jax.vmap(jvp, out_axes=1)(eye), jac_RxP),
             keep(new_value, value),
             damping,
             done | converged | (damping >= 1e10),
-        ), None
+        )
 
-    zeros = jnp.zeros((n_residuals,), theta0_P.dtype)
     init = (
+        jnp.asarray(0),
         theta0_P,
-        zeros,
+        jnp.zeros((n_residuals,), theta0_P.dtype),
         jnp.zeros((n_residuals, n_params), theta0_P.dtype),
         jnp.asarray(jnp.inf, theta0_P.dtype),
         jnp.asarray(1e-3 / 0.3, theta0_P.dtype),
         jnp.asarray(False),
     )
-    return jax.lax.scan(step, init, None, length=iters + 1)[0][0]
+    running = lambda carry: (carry[0] <= iters) & ~carry[-1]
+    return jax.lax.while_loop(running, step, init)[1]
