@@ -532,13 +532,12 @@ def _explain_sequences_run(
         f"{EXPLAIN_DIR}/{EXPLAIN_FILE}",
         f"{EXPLAIN_DIR}/ranking.png",
         f"{EXPLAIN_DIR}/ranking.pdf",
-        f"{EXPLAIN_DIR}/weights.png",
-        f"{EXPLAIN_DIR}/weights.pdf",
     ),
-    applies=_kind("explain", ("linear",)),
+    applies=_kind("explain", ("linear", "lds")),
 )
 def explain(trained: runs.Trained) -> dict:
-    """Which algorithm the trained model runs, on every seed; files in RUN_DIR/explain/."""
+    """Which algorithm the trained model runs, on every seed; files in RUN_DIR/explain/ (also the
+    weight heatmaps for regression, the bands figure for sequences)."""
     report, out = explain_run(trained)
     rank = report["ranking"]
     return {

@@ -353,13 +353,14 @@ def explain(
         _fail(str(err))
     print_explain(report)
     console.print(
-        f"written: {folder} ({analyses.EXPLAIN_FILE}, ranking, weights figures) in {report['wall_time_s']:.1f} s"
+        f"written: {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))}) in {report['wall_time_s']:.1f} s"
     )
 
 
 def print_explain(report: dict) -> None:
     """The ranking table (mean over seeds; final readout; `1-R^2` is the model's prediction variance
-    a family leaves unexplained), then per-layer `1-R^2` for deep models, weights and the verdict."""
+    a family leaves unexplained), then per-layer `1-R^2` for deep models, the best family per band
+    of positions for sequence models, weights and the verdict."""
     out = console if console.is_terminal else Console(width=200)
     rank, fams, sets = report["ranking"], report["families"], report["sets"]
     ood = [s for s in sets if s != "heldout"]
@@ -400,6 +401,13 @@ def print_explain(report: dict) -> None:
         for name in rank["order"]:
             layers.add_row(name, *[_fmt(1 - v) for v in fams[name]["per_layer"]["r2"]])
         out.print(layers)
+    for band, entry in report.get("bands", {}).items():  # sequence models: a fit per band of positions
+        lo, hi = entry["positions"]
+        held = entry["families"][entry["ranking"]["winner"]]["heldout"]
+        out.print(
+            f"positions {lo}-{hi} ({band}): best {entry['ranking']['winner']} "
+            f"(1-R^2 {_fmt(held['nmse']['mean'])}), then {', '.join(entry['ranking']['order'][1:4])}"
+        )
     for row in report["weights"]["per_seed"][0]:
         out.print(
             f"weights layer {row['layer']} head {row['head']}: norm outside the GD blocks W_KQ "
