@@ -478,18 +478,28 @@ def explain_run(
         },
         wall_time_s=time.time() - started,
     )
+
+    def figures(tmp: Path) -> None:
+        plots.weight_heatmaps(attn.w_kq[0], attn.w_pv[0], tmp / "weights", f"{report['experiment']}, seed {seeds[0]}")
+        if report["steps"] > 1:
+            plots.explain_layers(report, tmp / "layers")
+
+    _write_explain(out, report, figures)
+    return report, out
+
+
+def _write_explain(out: Path, report: dict, figures: Callable[[Path], object]) -> None:
+    """`explain.json`, the ranking figure and the kind's own `figures` in `out`, all at once: written
+    to a temporary folder that is then renamed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         runs.write_json(tmp / EXPLAIN_FILE, report)
         plots.explain_ranking(report, tmp / "ranking")
-        plots.weight_heatmaps(attn.w_kq[0], attn.w_pv[0], tmp / "weights", f"{report['experiment']}, seed {seeds[0]}")
-        if report["steps"] > 1:
-            plots.explain_layers(report, tmp / "layers")
+        figures(tmp)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return report, out
 
 
 def _explain_sequences_run(
@@ -514,15 +524,7 @@ def _explain_sequences_run(
         weights={"per_seed": [[] for _ in seeds]},
         wall_time_s=time.time() - started,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        runs.write_json(tmp / EXPLAIN_FILE, report)
-        plots.explain_ranking(report, tmp / "ranking")
-        plots.explain_bands(report, tmp / "bands")
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _write_explain(out, report, lambda tmp: plots.explain_bands(report, tmp / "bands"))
     return report, out
 
 

@@ -42,8 +42,9 @@ def tiny_overrides(name: str) -> list[str]:
     cfg = load_config([f"experiment={name}"])
     if cfg.task.kind == "lds":
         narrow = ["model.embed_dim=8", "model.key_size=4", "model.heads=2"] if cfg.model.embed_dim else []
-        tune = ["eval.fewshot_tune_steps=2"] if cfg.eval.fewshot_tune_steps else []
-        return [*TINY_LDS, *narrow, *tune, *(["task.hidden_dim=4"] if cfg.task.variant.name == "partial" else [])]
+        # The separator tuning is exercised on the shared tiny run (tests/test_fewshot.py).
+        untuned = ["eval.fewshot_tune_steps=0", "eval.fewshot_prefix=0"]
+        return [*TINY_LDS, *narrow, *untuned, *(["task.hidden_dim=4"] if cfg.task.variant.name == "partial" else [])]
     return [o for o in TINY if not (cfg.task.kind == "sine" and o.startswith("task.dim="))]  # sine: 1-d inputs
 
 
