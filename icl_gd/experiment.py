@@ -221,19 +221,26 @@ def sequence_alignment(model: models.Model, params_S, refs: References, n_sequen
         return jax.vmap(lambda p: metrics.last_input_sensitivities(model_predict(model.weights(p)), states))(params_S)
 
     model_ev = evaluate(params_S, states)
+    last = lambda ev: metrics.Evaluation(ev.preds[:, -1:], None if ev.sens is None else ev.sens[:, -1:])
     out = {}
     for ref in refs.fitted:
-        predict = functools.partial(_reference_on_states, task, ref, refs.params[ref.name])
-        ref_ev = jax.jit(metrics.last_input_sensitivities, static_argnums=0)(predict, states)
-        last = lambda ev: metrics.Evaluation(ev.preds[:, -1:], None if ev.sens is None else ev.sens[:, -1:])
+        ref_ev = _reference_sensitivities(task, ref, refs.params[ref.name], states)
         aligned = jax.vmap(lambda ev: metrics.alignment(last(ev), last(ref_ev), by_position=True))(model_ev)
         out.update({f"{m}{suffix(task, ref.name)}": np.asarray(v[:, -1]) for m, v in aligned.items()})
     return out
 
 
-def _reference_on_states(task: tasks.TaskKind, ref: references.Reference, params, states_Tp1xD: jax.Array) -> jax.Array:
-    """A sequence reference's readouts `[K, P, O]` as a function of the states alone (queries `s_1..s_T`)."""
-    return ref.predict(task, params, states_Tp1xD[:-1], states_Tp1xD)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _reference_sensitivities(
+    task: tasks.TaskKind, ref: references.Reference, params, states_BxTp1xD: jax.Array
+) -> metrics.Evaluation:
+    """A sequence reference's readouts and last-state sensitivities (`metrics.last_input_sensitivities`),
+    its queries being the states `s_1..s_T` themselves."""
+
+    def predict(states_Tp1xD):
+        return ref.predict(task, params, states_Tp1xD[:-1], states_Tp1xD)
+
+    return metrics.last_input_sensitivities(predict, states_BxTp1xD)
 
 
 def metric_rows(step: int, evaluated: dict, refs: References, layers: int) -> list[dict]:
