@@ -41,7 +41,9 @@ TINY_LDS = [
 def tiny_overrides(name: str) -> list[str]:
     cfg = load_config([f"experiment={name}"])
     if cfg.task.kind == "lds":
+        # Two layers at most: the reference fits (K steps each) then compile once for every experiment.
         narrow = ["model.embed_dim=8", "model.key_size=4", "model.heads=2"] if cfg.model.embed_dim else []
+        narrow += ["model.layers=2"] if cfg.model.layers > 2 else []
         # The separator tuning is exercised on the shared tiny run (tests/test_fewshot.py).
         untuned = ["eval.fewshot_tune_steps=0", "eval.fewshot_prefix=0"]
         return [*TINY_LDS, *narrow, *untuned, *(["task.hidden_dim=4"] if cfg.task.variant.name == "partial" else [])]
@@ -55,7 +57,7 @@ def test_every_named_experiment_runs_a_few_steps(tmp_path, name):
     analyses.run_all(result)
     summary = result.summary
     assert summary["status"] == "completed" and summary["experiment"] == name
-    layers = load_config([f"experiment={name}"]).model.layers
+    layers = load_config([f"experiment={name}", *tiny]).model.layers
     assert len(summary["per_layer"]) == layers
     for analysis in load_config([f"experiment={name}"]).analyses:
         assert analysis in summary["analyses"]
