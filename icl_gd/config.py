@@ -64,6 +64,23 @@ class MesaImpl(enum.Enum):
     solve = enum.auto()
 
 
+class AmplitudePhase(enum.Enum):
+    """Sine tasks' amplitude and phase (docs/science.md section 1): drawn independently, or
+    coupled as in the paper's code (`a = 0.1 + 0.4 phi / pi`, one parameter per task)."""
+
+    independent = enum.auto()
+    coupled = enum.auto()
+
+
+class InputEmbedding(enum.Enum):
+    """The input MLP's form (docs/science.md section 9): `mlp` is `gelu(x W1 + b1) W2 + b2` to
+    `model.input_mlp_features`; `residual` is the paper's, a linear map without bias to
+    `model.input_mlp_features`, then `e + MLP(e)` with a hidden layer of `model.input_mlp_width`."""
+
+    mlp = enum.auto()
+    residual = enum.auto()
+
+
 class SequenceTokens(enum.Enum):
     """Sequence-task tokens (docs/science.md section 8): `(0, s_t, s_t, s_{t-1})`, or the state alone."""
 
@@ -103,6 +120,11 @@ class LinearTaskConfig:
     noise_std: float = 0.0
     distractors: int = 0
     tokens: Tokens = Tokens.constructed
+    # Non-isotropic inputs (docs/science.md section 10): the d eigenvalues of the input covariance
+    # (null: isotropic, the law's own variance). Set, inputs are `R diag(sqrt(x_cov)) z` with `z` the
+    # law `x_dist` standardised to unit variance, so `task.x_scale` is not used.
+    x_cov: list[float] | None = None
+    x_rotation: int | None = None  # null: the eigenbasis is the standard one; else the seed of a random rotation R
 
 
 @dataclass
@@ -114,6 +136,7 @@ class SineTaskConfig:
     n_context: int = 10
     noise_std: float = 0.0
     tokens: Tokens = Tokens.constructed
+    amplitude_phase: AmplitudePhase = AmplitudePhase.independent
 
 
 @dataclass
@@ -152,6 +175,7 @@ class ModelConfig:
     input_mlp: bool = False
     input_mlp_width: int = 64
     input_mlp_features: int = 10
+    input_embedding: InputEmbedding = InputEmbedding.mlp
     clip_activations: float | None = None
     positional: bool = False
     key_size: int | None = None  # None: the model's width
@@ -202,6 +226,13 @@ class EvalConfig:
     fewshot_prefix: int = 0  # fewshot: learned prefix states (tuned with the separator)
     fewshot_lr: float = 0.01  # fewshot: Adam's learning rate for the separator and prefix
     fewshot_batch: int = 256  # fewshot: fresh regression sequences per tuning step
+    # sine: the paper's comparator "MLP + GD" (docs/science.md section 9), a network of its own with
+    # the model's input embedding followed by one GD step of fixed `mlpgd_eta`, embedding meta-learned
+    # by Adam for `mlpgd_steps` steps (0: not trained, only GD on the model's own features is compared).
+    mlpgd_steps: int = 0
+    mlpgd_lr: float = 3e-4
+    mlpgd_eta: float = 0.1
+    mlpgd_batch: int = 2048
 
 
 @dataclass
@@ -330,6 +361,13 @@ def _validate_linear(t: DictConfig) -> None:
     _require(math.isfinite(t.noise_std) and t.noise_std >= 0, "task.noise_std", "a number >= 0", t.noise_std)
     d_range = f"an integer in [0, task.n_context={t.n_context}]"
     _require(0 <= t.distractors <= t.n_context, "task.distractors", d_range, t.distractors)
+    if t.x_cov is not None:
+        cov = list(t.x_cov)
+        allowed = f"null or a list of task.dim={t.dim} positive eigenvalues"
+        _require(len(cov) == t.dim and all(_positive(float(c)) for c in cov), "task.x_cov", allowed, cov)
+    rot = t.x_rotation
+    _require(rot is None or rot >= 0, "task.x_rotation", "null or an integer >= 0 (a rotation's seed)", rot)
+    _require(rot is None or t.x_cov is not None, "task.x_rotation", "null unless task.x_cov is set", rot)
 
 
 def _validate_sine(t: DictConfig) -> None:
@@ -406,6 +444,10 @@ def validate(cfg: DictConfig) -> None:
     _require(prefix_ok, "eval.fewshot_prefix", prefix_allowed, ev.fewshot_prefix)
     _require(_positive(ev.fewshot_lr), "eval.fewshot_lr", "a number > 0", ev.fewshot_lr)
     _require(ev.fewshot_batch >= 1, "eval.fewshot_batch", "an integer >= 1", ev.fewshot_batch)
+    _require(ev.mlpgd_steps >= 0, "eval.mlpgd_steps", "an integer >= 0 (0: off)", ev.mlpgd_steps)
+    _require(_positive(ev.mlpgd_lr), "eval.mlpgd_lr", "a number > 0", ev.mlpgd_lr)
+    _require(_positive(ev.mlpgd_eta), "eval.mlpgd_eta", "a number > 0", ev.mlpgd_eta)
+    _require(ev.mlpgd_batch >= 1, "eval.mlpgd_batch", "an integer >= 1", ev.mlpgd_batch)
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
