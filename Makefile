@@ -7,13 +7,16 @@ ICL := $(BIN)/icl-gd
 ARGS ?=
 
 EXPERIMENTS := single_layer recurrent multi_layer depth_extrapolation softmax layernorm_mlp \
-	ood distractors label_noise sine classic_tokens
+	ood distractors label_noise sine sine_paper classic_tokens_small preconditioned
+## Beyond linearity as the paper ran it, five seeds each (README, "Beyond linearity").
+NONLINEAR := softmax softmax_2heads layernorm layernorm_2layers classic_tokens
 STAMP_TIME := $(shell date +%Y-%m-%d_%H-%M-%S)
 
 ## The follow-up paper's sequence models (docs/science.md section 8; README, "Mesa-optimization").
 LDS := lds_softmax lds_mesa lds_probes lds_fewshot lds_softmax_partial lds_mesa_partial
 
-.PHONY: venv run test lint bench baselines explain clean-venv $(EXPERIMENTS) $(LDS) lds_linear lds_compare
+.PHONY: venv run test lint bench baselines explain clean-venv $(EXPERIMENTS) $(NONLINEAR) $(LDS) lds_linear lds_compare \
+	softmax_sweep
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,12 +55,24 @@ recurrent: $(STAMP)
 	$(ICL) train -m experiment=recurrent model.layers=2,3,4,5 --out runs/recurrent/$(STAMP_TIME) $(ARGS)
 	$(ICL) compare runs/recurrent/$(STAMP_TIME)/[0-9]* --out runs/recurrent/$(STAMP_TIME)/compare
 
-multi_layer depth_extrapolation softmax layernorm_mlp: $(STAMP)
+multi_layer depth_extrapolation layernorm_mlp: $(STAMP)
 	$(ICL) train experiment=$@ $(ARGS)
 
 ## Task variants, five seeds each (docs/experiments_tasks.md).
-ood distractors label_noise sine classic_tokens: $(STAMP)
+ood distractors label_noise sine sine_paper classic_tokens_small preconditioned: $(STAMP)
 	$(ICL) train experiment=$@ train.seeds=5 $(ARGS)
+
+softmax softmax_2heads layernorm layernorm_2layers: $(STAMP)
+	$(ICL) train experiment=$@ train.seeds=5 $(ARGS)
+
+## The paper's classic-token run: 40,000 steps, five seeds (convergence depends on the seed).
+classic_tokens: $(STAMP)
+	$(ICL) train experiment=classic_tokens train.seeds=5 train.steps=40000 $(ARGS)
+
+## Why one softmax head stalls: initial scale x learning rate, two seeds each, then compare.
+softmax_sweep: $(STAMP)
+	$(ICL) train -m experiment=softmax model.init_scale=0.002,0.02,0.2 train.lr=1e-3,3e-3 train.seeds=2 --out runs/softmax_sweep/$(STAMP_TIME) $(ARGS)
+	$(ICL) compare runs/softmax_sweep/$(STAMP_TIME)/[0-9]* --out runs/softmax_sweep/$(STAMP_TIME)/compare
 
 ## Constructed tokens, one sweep over depth, then every run against the references by position.
 lds_linear: $(STAMP)

@@ -29,7 +29,8 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from icl_gd import explain as explain_lib
-from icl_gd import fewshot, metrics, models, plots, probing, references, runs, tasks
+from icl_gd import fewshot, metrics, mlpgd, models, plots, probing, references, runs, tasks
+from icl_gd import layer_match as layer_match_lib
 from icl_gd.config import ConfigError
 
 
@@ -188,14 +189,22 @@ def ood(trained: runs.Trained) -> dict:
     return {"rows": rows}
 
 
-# Non-linear regression through the input MLP (docs/science.md sections 1 and 9): "MLP + GD".
+# Non-linear regression through the input embedding (docs/science.md sections 1 and 9): "MLP + GD" two
+# ways, GD on the model's own features (eta line-searched) and the paper's network of its own (icl_gd.mlpgd).
 SINE_EXAMPLES = 4
 SINE_GRID = 200
+MLPGD_KEY = 2  # eval key index of the paper's comparator (0: the eval set, 1: the line-search set)
 
 
-def _feature_tasks(embed: models.MLP, t: tasks.Tasks) -> tasks.Tasks:
-    """The tasks seen through the input MLP: features `phi(x)` in place of the inputs."""
-    return t._replace(x=models.mlp(t.x, embed), xq=models.mlp(t.xq, embed))
+def _features(weights: models.Weights, x: jax.Array) -> jax.Array:
+    """The model's input-embedding features of inputs `x` (its configured form)."""
+    assert weights.embed is not None
+    return models.input_features(weights.embed, weights.embed_in, x)
+
+
+def _feature_tasks(weights: models.Weights, t: tasks.Tasks) -> tasks.Tasks:
+    """The tasks seen through the model's input embedding: features `phi(x)` in place of the inputs."""
+    return t._replace(x=_features(weights, t.x), xq=_features(weights, t.xq))
 
 
 def on_features(
@@ -206,6 +215,13 @@ def on_features(
     return dataclasses.replace(arch, layout=feature_task.layout, input_mlp=False), feature_task
 
 
+def _raw_evaluation(
+    arch: models.Architecture, task: tasks.Regression, weights: models.Weights, t: tasks.Tasks
+) -> metrics.Evaluation:
+    """The model's predictions on tasks `t` and their sensitivities to the raw query input `x_q`."""
+    return metrics.evaluate_tasks(functools.partial(models.regression_readout, arch, weights, task), t)
+
+
 def mlp_gd(
     arch: models.Architecture,
     task: tasks.Regression,
@@ -214,24 +230,29 @@ def mlp_gd(
     search_tasks: tasks.Tasks,
     steps: int,
 ) -> dict[str, jax.Array]:
-    """A model with an input MLP against "MLP + GD": `steps` GD steps on its own learned features
-    `phi(x)`, `eta` line-searched on `search_tasks` seen through the same features. Returns both
-    losses, the eta, OLS on the features, preds diff and the partial cos: the cosine between the
-    sensitivities `d y_hat / d phi(x_q)` of the model's attention layers and of GD on the
-    features, i.e. the model cos restricted to what GD on the learned features can express (the
-    input MLP shared by both is factored out)."""
-    assert weights.embed is not None
-    search = _feature_tasks(weights.embed, search_tasks)
+    """A model with an input embedding against "MLP + GD" on its own features: `steps` GD steps on
+    its learned features `phi(x)`, `eta` line-searched on `search_tasks` seen through the same
+    features. Returns both losses, the eta, OLS on the features, preds diff, the partial cos: the
+    cosine between the sensitivities `d y_hat / d phi(x_q)` of the model's attention layers and of
+    GD on the features, i.e. the model cos restricted to what GD on the learned features can express
+    (the embedding shared by both is factored out), and the paper's metric, the sign agreement of
+    `d y_hat / d x_q` (through the shared embedding)."""
+    search = _feature_tasks(weights, search_tasks)
     n_context = search.x.shape[-2]
     eta_max = 2.0 * n_context / jnp.mean(jnp.sum(search.x**2, -1))
     eta, _ = references.minimize_scalar(lambda e: references.gd_loss(jnp.full((steps,), e), search), 0.0, eta_max)
-    feats = _feature_tasks(weights.embed, eval_tasks)
+    etas = jnp.full((steps,), eta)
+    feats = _feature_tasks(weights, eval_tasks)
     feature_arch, feature_task = on_features(arch, task, feats.x.shape[-1])
-    attention_only = weights._replace(embed=None)
+    attention_only = weights._replace(embed=None, embed_in=None)
     model_ev = metrics.evaluate_tasks(
         functools.partial(models.regression_readout, feature_arch, attention_only, feature_task), feats
     )
-    gd_ev = metrics.evaluate_tasks(lambda x, y, xq: references.gd_direct(x, y, xq, jnp.full((steps,), eta))[-1:], feats)
+    gd_ev = metrics.evaluate_tasks(lambda x, y, xq: references.gd_direct(x, y, xq, etas)[-1:], feats)
+    gd_raw = metrics.evaluate_tasks(
+        lambda x, y, xq: references.gd_direct(_features(weights, x), y, _features(weights, xq[None])[0], etas)[-1:],
+        eval_tasks,
+    )
     ols = jax.vmap(references.ridge_predict)(feats.x, feats.y, feats.xq)[:, 0]
     align = metrics.alignment(model_ev, gd_ev)
     yq = eval_tasks.yq[:, None, None]
@@ -242,6 +263,30 @@ def mlp_gd(
         "mlp_ols_loss": references.loss(ols, eval_tasks.yq),
         "preds_diff": align["preds_diff"][-1],
         "partial_cos": align["model_cos"][-1],
+        "sign_agreement": metrics.sign_agreement(_raw_evaluation(arch, task, weights, eval_tasks), gd_raw)[-1],
+    }
+
+
+def paper_mlp_gd(
+    arch: models.Architecture,
+    task: tasks.Regression,
+    weights: models.Weights,
+    comparator: mlpgd.Comparator,
+    eta: float,
+    eval_tasks: tasks.Tasks,
+) -> dict[str, jax.Array]:
+    """A model with an input embedding against the paper's "MLP + GD", a meta-learned network of its
+    own (icl_gd.mlpgd): the comparator's loss, the preds diff, and on the sensitivities
+    `d y_hat / d x_q` (their only shared space; scalars in 1-d) the cosine (in 1-d, `2 a - 1` for
+    the sign agreement `a`) and the paper's partial cos, the sign agreement."""
+    model_ev = _raw_evaluation(arch, task, weights, eval_tasks)
+    paper_ev = metrics.evaluate_tasks(functools.partial(mlpgd.predict, comparator, eta), eval_tasks)
+    align = metrics.alignment(model_ev, paper_ev)
+    return {
+        "mlpgd_loss": metrics.losses(paper_ev, eval_tasks.yq[:, None, None])[0],
+        "mlpgd_preds_diff": align["preds_diff"][-1],
+        "mlpgd_model_cos": align["model_cos"][-1],
+        "mlpgd_sign_agreement": metrics.sign_agreement(model_ev, paper_ev)[-1],
     }
 
 
@@ -251,45 +296,74 @@ def mlp_gd(
     applies=_needs("sine", lambda cfg: bool(cfg.model.input_mlp), "model.input_mlp=true"),
 )
 def sine(trained: runs.Trained) -> dict:
-    """`mlp_gd` for every seed of a run with an input MLP, on its evaluation set (eta searched on
-    its line-search set), and example fits with the learned features."""
-    cfg, task, model = trained.cfg, _regression(trained), trained.model
+    """`mlp_gd` for every seed of a run with an input embedding, on its evaluation set (eta searched
+    on its line-search set), and with `eval.mlpgd_steps > 0` `paper_mlp_gd` against the paper's
+    comparator, trained once for the run on keys of its own; example fits with the learned features."""
+    cfg, task, model, ev = trained.cfg, _regression(trained), trained.model, trained.cfg.eval
     steps = int(cfg.model.layers)
-    eval_tasks = task.draw(_eval_key(cfg, 0), int(cfg.eval.n_tasks))
-    search_tasks = task.draw(_eval_key(cfg, 1), int(cfg.eval.line_search_tasks))
+    eval_tasks = task.draw(_eval_key(cfg, 0), int(ev.n_tasks))
+    search_tasks = task.draw(_eval_key(cfg, 1), int(ev.line_search_tasks))
+    comparator, eta, extra = None, float(ev.mlpgd_eta), {}
+    if int(ev.mlpgd_steps) > 0:
+        key = _eval_key(cfg, MLPGD_KEY)
+        comparator, train_losses = mlpgd.train(
+            mlpgd.init(model, jax.random.fold_in(key, 0)),
+            task.draw,
+            jax.random.fold_in(key, 1),
+            steps=int(ev.mlpgd_steps),
+            batch=int(ev.mlpgd_batch),
+            lr=float(ev.mlpgd_lr),
+            eta=eta,
+        )
+        extra = {"mlpgd": {"eta": eta, "steps": int(ev.mlpgd_steps), "train_loss_last": float(train_losses[-1])}}
 
     def per_seed(p):
-        return mlp_gd(model.arch, task, model.weights(p), eval_tasks, search_tasks, steps)
+        weights = model.weights(p)
+        out = mlp_gd(model.arch, task, weights, eval_tasks, search_tasks, steps)
+        if comparator is not None:
+            out |= paper_mlp_gd(model.arch, task, weights, comparator, eta, eval_tasks)
+        return out
 
     per = jax.device_get(jax.jit(jax.vmap(per_seed))(trained.params))
     rows = [{"seed": s, **{k: float(v[s]) for k, v in per.items()}} for s in range(int(cfg.train.seeds))]
     out = output_dir(trained.run_dir, "sine")
     _table(out, "sine", rows)
     grid = jnp.linspace(-5.0, 5.0, SINE_GRID)
-    curves = _sine_curves(trained, eval_tasks, grid, per["mlp_gd_eta"][0], steps)
-    net, gd, ctx_x, ctx_y, feats = jax.device_get(curves)
-    plots.sine_fits(net, gd, ctx_x, ctx_y, feats, np.asarray(grid), out / "sine")
-    return {name: metrics.mean_ci95(per[name]) for name in per}
+    curves = _sine_curves(trained, eval_tasks, grid, per["mlp_gd_eta"][0], steps, comparator, eta)
+    net, gd, paper, ctx_x, ctx_y, feats = jax.device_get(curves)
+    plots.sine_fits(net, gd, ctx_x, ctx_y, feats, np.asarray(grid), out / "sine", paper)
+    return {**{name: metrics.mean_ci95(per[name]) for name in per}, **extra}
 
 
-def _sine_curves(trained: runs.Trained, t: tasks.Tasks, grid: jax.Array, eta, steps: int):
-    """For the first seed and `SINE_EXAMPLES` tasks: the model's and MLP + GD's predictions at
-    every query on `grid`, the context points, and the learned features on `grid`."""
+def _sine_curves(
+    trained: runs.Trained,
+    t: tasks.Tasks,
+    grid: jax.Array,
+    eta,
+    steps: int,
+    comparator: mlpgd.Comparator | None,
+    mlpgd_eta: float,
+):
+    """For the first seed and `SINE_EXAMPLES` tasks: the model's, MLP + GD's on its features and
+    (when trained) the paper's comparator's predictions at every query on `grid`, the context
+    points, and the learned features on `grid`."""
     weights = trained.model.weights(trained.seed(0))
-    assert weights.embed is not None
-    embed = weights.embed
     ex = jax.tree_util.tree_map(lambda a: a[:SINE_EXAMPLES], t)
     xq_G = grid[:, None]
     readout = functools.partial(models.regression_readout, trained.model.arch, weights, _regression(trained))
+    feats_q = _features(weights, xq_G)
+
+    def paper_curve(c: mlpgd.Comparator, x, y):
+        return jax.vmap(lambda xq: mlpgd.predict(c, mlpgd_eta, x, y, xq)[0])(xq_G)
 
     def curves(x, y):
-        feats, feats_q = models.mlp(x, embed), models.mlp(xq_G, embed)
+        feats = _features(weights, x)
         net = jax.vmap(lambda xq: readout(x, y, xq)[-1])(xq_G)
         gd = jax.vmap(lambda fq: references.gd_direct(feats, y, fq, jnp.full((steps,), eta))[-1])(feats_q)
-        return net, gd
+        return net, gd, None if comparator is None else paper_curve(comparator, x, y)
 
-    net, gd = jax.vmap(curves)(ex.x, ex.y)
-    return net, gd, ex.x[..., 0], ex.y, models.mlp(xq_G, weights.embed)
+    net, gd, paper = jax.jit(jax.vmap(curves))(ex.x, ex.y)
+    return net, gd, paper, ex.x[..., 0], ex.y, feats_q
 
 
 # Classic tokens (docs/science.md section 2): does the first (causal softmax) layer learn to copy?
@@ -361,7 +435,7 @@ def copy_dependence(trained: runs.Trained) -> dict:
     cfg, task, arch = trained.cfg, _regression(trained), trained.model.arch
     t = task.draw(_eval_key(cfg, 0), COPY_TASKS)
     batch = task.batch(t)
-    positions = task.layout.length if arch.positional else 0
+    positions = arch.positions_width if arch.positional else 0
 
     def per_seed(p):
         weights = trained.model.weights(p)
@@ -457,15 +531,23 @@ def explain_run(
     started = time.time()
     cfg, model = trained.cfg, trained.model
     params_S = jax.tree_util.tree_map(lambda a: a[np.asarray(seeds)], trained.params)
+    floor_models = _floor_models(trained, seeds)
     if cfg.task.kind == "lds":
-        return _explain_sequences_run(trained, params_S, seeds, n_tasks, iters, out, started)
+        return _explain_sequences_run(trained, params_S, seeds, n_tasks, iters, out, started, floor_models)
 
     def model_fn(p, x, y, xq):
         return models.regression_readout(model.arch, model.weights(p), _regression(trained), x, y, xq)
 
     key = _eval_key(cfg, 2)  # 0 and 1: the eval and line-search sets
     report = explain_lib.explain(
-        model_fn, params_S, trained.task, key, steps=int(cfg.model.layers), n_tasks=n_tasks, iters=iters
+        model_fn,
+        params_S,
+        trained.task,
+        key,
+        steps=int(cfg.model.layers),
+        n_tasks=n_tasks,
+        iters=iters,
+        floor_models=floor_models,
     )
     attn = jax.device_get(jax.vmap(lambda p: model.weights(p).layers.attn)(params_S))
     n_context = int(cfg.task.n_context)
@@ -488,6 +570,22 @@ def explain_run(
     return report, out
 
 
+def _floor_models(trained: runs.Trained, seeds: list[int]) -> explain_lib.FloorModels:
+    """The models of `explain`'s noise floor: every ordered pair of the run's seeds (final
+    checkpoints), and each explained seed's final checkpoint against its previous one."""
+    n_seeds = int(trained.cfg.train.seeds)
+    pairs = {"seeds": [(i, j) for i in range(n_seeds) for j in range(n_seeds) if i != j]}
+    previous = runs.previous_checkpoint(trained)
+    if previous is None:
+        return explain_lib.FloorModels(trained.params, pairs)
+    steps, earlier = previous
+    params = jax.tree_util.tree_map(
+        lambda final, prev: np.concatenate([final, prev[np.asarray(seeds)]]), trained.params, earlier
+    )
+    pairs["checkpoints"] = [(s, n_seeds + k) for k, s in enumerate(seeds)]
+    return explain_lib.FloorModels(params, pairs, {"checkpoints": steps})
+
+
 def _write_explain(out: Path, report: dict, figures: Callable[[Path], object]) -> None:
     """`explain.json`, the ranking figure and the kind's own `figures` in `out`, all at once: written
     to a temporary folder that is then renamed."""
@@ -503,7 +601,14 @@ def _write_explain(out: Path, report: dict, figures: Callable[[Path], object]) -
 
 
 def _explain_sequences_run(
-    trained: runs.Trained, params_S, seeds: list[int], n_tasks: int, iters: int, out: Path, started: float
+    trained: runs.Trained,
+    params_S,
+    seeds: list[int],
+    n_tasks: int,
+    iters: int,
+    out: Path,
+    started: float,
+    floor_models: explain_lib.FloorModels,
 ) -> tuple[dict, Path]:
     """`explain_run` for a sequence task: no weight structure (the GD blocks of docs/science.md
     section 4 are written for regression tokens), so `weights` lists none for each seed."""
@@ -516,6 +621,7 @@ def _explain_sequences_run(
         steps=int(cfg.model.layers),
         n_tasks=n_tasks,
         iters=iters,
+        floor_models=floor_models,
     )
     report.update(
         run=str(trained.run_dir),
@@ -543,7 +649,12 @@ def explain(trained: runs.Trained) -> dict:
     report, out = explain_run(trained)
     rank = report["ranking"]
     return {
-        "winner": rank["winner"],
+        "winner": report["winner"],
+        "winner_by": report["winner_by"],
+        "within_floor": report["within_floor"],
+        "floor": report["floor"]["nmse"],
+        "floor_source": report["floor"]["source"],
+        "bic_winner": rank["winner"],
         "runner_up": rank["runner_up"],
         "margin": rank["margin"],
         "explains": report["explains"],
@@ -864,4 +975,68 @@ def first_layer(trained: runs.Trained) -> dict:
         "readable_before": probing.readable(np.asarray(before["mean"])),
         "readable_after": probing.readable(np.asarray(after["mean"])),
         "finding": finding,
+    }
+
+
+# Per-layer algorithm matching (docs/science.md "Per-layer algorithm matching"; Fu et al. 2023).
+LAYER_MATCH_TASKS = 2048  # scored tasks: the first of the run's evaluation set
+LAYER_MATCH_FIT_TASKS = 4096  # tasks the algorithms are fitted on (at most eval.line_search_tasks)
+LAYER_MATCH_KEY = 11  # eval key index of those tasks
+
+
+def _layer_match_applies(cfg: DictConfig) -> str | None:
+    error = _kind("layer_match", ("linear",))(cfg)
+    if error is None and int(cfg.model.layers) < 2:
+        allowed = "an integer >= 2 for the layer_match analysis (it matches the readout after every layer)"
+        return f"model.layers: got {cfg.model.layers}; allowed: {allowed}"
+    return error
+
+
+@register(
+    "layer_match",
+    files=tuple(f"analyses/layer_match/layer_match.{s}" for s in ("json", "csv", "png", "pdf")),
+    applies=_layer_match_applies,
+)
+def layer_match(trained: runs.Trained) -> dict:
+    """Which number of steps `j` of GD, GD++ and Newton-Schulz the readout after each layer matches
+    best (`icl_gd.layer_match`), for every seed, on the first `LAYER_MATCH_TASKS` tasks of the
+    run's evaluation set; the algorithms' task-optimal parameters are fitted on
+    `LAYER_MATCH_FIT_TASKS` tasks of their own. Writes the report (json), every seed, layer,
+    algorithm and `j` (csv) and the heatmaps (png, pdf)."""
+    cfg, task, model = trained.cfg, _regression(trained), trained.model
+    started = time.time()
+    n_tasks = min(int(cfg.eval.n_tasks), LAYER_MATCH_TASKS)
+    scored = jax.tree_util.tree_map(lambda a: a[:n_tasks], task.draw(_eval_key(cfg, 0), int(cfg.eval.n_tasks)))
+    n_fit = min(int(cfg.eval.line_search_tasks), LAYER_MATCH_FIT_TASKS)
+    fit_tasks = task.draw(_eval_key(cfg, LAYER_MATCH_KEY), n_fit)
+
+    def model_fn(p, x, y, xq):
+        return models.regression_readout(model.arch, model.weights(p), task, x, y, xq)
+
+    raw, report = layer_match_lib.layer_match(
+        model_fn, trained.params, fit_tasks, scored, layers=int(cfg.model.layers), shared=bool(cfg.model.recurrent)
+    )
+    report.update(tasks=n_tasks, fit_tasks=n_fit, wall_time_s=time.time() - started)
+    rows = [
+        {
+            "seed": s,
+            "algorithm": name,
+            "layer": k + 1,
+            "j": j + 1,
+            **{m: float(raw[name][m][s, k, j]) for m in ("r2", "model_cos", "preds_diff")},
+            "algorithm_loss": float(raw[name]["loss"][j]),
+        }
+        for name in report["algorithms"]
+        for s, k, j in np.ndindex(*raw[name]["r2"].shape)
+    ]
+    out = output_dir(trained.run_dir, "layer_match")
+    pd.DataFrame(rows).to_csv(out / "layer_match.csv", index=False)
+    runs.write_json(out / "layer_match.json", report)
+    title = f"{plots.run_title(trained.summary)}: {n_tasks} tasks, {report['seeds']} seed(s)"
+    plots.layer_match(report, title, out / "layer_match")
+    return {
+        "finding": report["finding"],
+        "layers": report["layers"],
+        "best": {name: alg["best"] for name, alg in report["algorithms"].items()},
+        "file": str(out / "layer_match.json"),
     }

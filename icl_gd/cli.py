@@ -48,6 +48,9 @@ def _fmt(value) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list) and value and isinstance(value[0], list):  # a matrix: in full in --json only
+        diag = [row[i] for i, row in enumerate(value)]
+        return f"{len(value)}x{len(value[0])} matrix, diagonal in [{min(diag):.3g}, {max(diag):.3g}]"
     return str(value)
 
 
@@ -341,8 +344,9 @@ def explain(
     out: Path | None = typer.Option(None, "--out", help="Output folder (must not exist). Default RUN_DIR/explain."),
 ):
     """Which algorithm does the trained model run? Fit GD, GD++, preconditioned GD, iterative
-    solvers and ridge to its predictions, score them on held-out and shifted tasks, rank them by
-    BIC; write explain.json and figures."""
+    solvers, ridge and softmax smoothers to its predictions, score them on held-out and shifted
+    tasks, rank them by BIC and against the noise floor of the run's other seeds and previous
+    checkpoint; write explain.json and figures."""
     from icl_gd import analyses, runs
 
     try:
@@ -373,6 +377,7 @@ def print_explain(report: dict) -> None:
         "params",
         "BIC - winner [95%]",
         "1-R^2",
+        "1-R^2 / floor",
         "model cos",
         "preds diff",
         "model diff",
@@ -387,12 +392,17 @@ def print_explain(report: dict) -> None:
             str(fam["n_params"]),
             _interval(rank["delta"][name]),
             _fmt(held["nmse"]["mean"]),
+            _fmt(fam.get("nmse_over_floor")) + (" *" if name in report.get("within_floor", ()) else ""),
             *[_fmt(held[m]["mean"]) for m in ("model_cos", "preds_diff", "model_diff")],
             *[_fmt(fam[s]["nmse"]["mean"]) for s in ood],
             _fmt(held["loss"]["mean"]),
         )
     out.print(table)
     out.print(f"model loss on held-out tasks: {_fmt(report['model']['heldout']['loss']['mean'])}")
+    for source, entry in report["floor"]["sources"].items():
+        used = " (the floor; * = within it)" if source == report["floor"]["source"] else ""
+        steps = f", steps {entry['steps']}" if "steps" in entry else ""
+        out.print(f"noise floor, {source}: 1-R^2 {_interval(entry['nmse'])} over {entry['pairs']} pair(s){steps}{used}")
     if report["steps"] > 1:
         layers = Table(title="per layer: 1-R^2 of layer k's readout against step k (held-out)")
         layers.add_column("family")

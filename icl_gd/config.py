@@ -177,7 +177,8 @@ class ModelConfig:
     input_mlp_features: int = 10
     input_embedding: InputEmbedding = InputEmbedding.mlp
     clip_activations: float | None = None
-    positional: bool = False
+    positional: bool = False  # positions appended to the tokens: one-hot, or sinusoidal of positional_dim
+    positional_dim: int | None = None  # null: one-hot (width = sequence length); else sinusoidal of this size
     key_size: int | None = None  # None: the model's width
     embed_dim: int | None = None  # None: the tokens as they are; else input / output projections of this width
     first_layer: Attention | None = None  # a first layer of its own, of this kind, keys and queries seeing positions
@@ -401,6 +402,8 @@ def validate(cfg: DictConfig) -> None:
     _require(m.layers >= 1, "model.layers", "an integer >= 1", m.layers)
     _require(m.heads >= 1, "model.heads", "an integer >= 1", m.heads)
     _require(m.key_size is None or m.key_size >= 1, "model.key_size", "null or an integer >= 1", m.key_size)
+    pdim = m.positional_dim
+    _require(pdim is None or (pdim >= 2 and pdim % 2 == 0), "model.positional_dim", "null or an even integer >= 2", pdim)
     _require(m.embed_dim is None or m.embed_dim >= 1, "model.embed_dim", "null or an integer >= 1", m.embed_dim)
     if m.first_layer is not None:
         _require(m.layers >= 2, "model.layers", "an integer >= 2 with model.first_layer set", m.layers)

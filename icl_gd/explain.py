@@ -6,11 +6,15 @@ model's final readout on a fit set (the model's predictions, not the labels), by
 Gauss-Newton compiled as one scan from the best of a few starting points; then compared with
 the model (docs/science.md section 5 metrics) on held-out tasks from the training law and on shifted input
 laws. Families are ranked by a BIC on the held-out discrepancy, so that a family pays for every
-parameter it was given.
+parameter it was given, and against a noise floor: the discrepancy between other seeds (or
+checkpoints) of the same model, within which the family with the fewest parameters wins. Besides
+GD-like solvers and closed forms, the families include softmax smoothers (one or two heads: softmax
+attention as one step of functional GD, Cheng, Chen & Sra 2023).
 
 Sequence models (task=lds, docs/science.md section 8): `explain_sequences` fits solvers of every
 position's normal equations (GD, GD per step, Richardson, Newton-Schulz, Chebyshev, ridge) to the
-model's predictions, on all positions and on position bands, with the same BIC ranking.
+model's predictions, on all positions and on position bands, with the same BIC ranking (and the
+noise floor on all positions).
 
 Everything here is a pure function of arrays, keys and static sizes; the run directory lives in
 `icl_gd.analyses`.
@@ -22,6 +26,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +34,12 @@ import numpy as np
 
 from icl_gd import metrics, references
 from icl_gd import tasks as tasks_lib
+from icl_gd.linalg import spd_solve
 from icl_gd.references import lds as lds_refs
 from icl_gd.references import solvers
 from icl_gd.tasks import Tasks
 
-FLOOR = 1e-6  # normalised discrepancies below this (0.1% RMS of the model's predictions) count as zero
+NMSE_ZERO = 1e-6  # normalised discrepancies below this (0.1% RMS of the model's predictions) count as zero
 EXPLAINS_R2 = 0.95  # a family "explains" the model when held-out R^2 and model cos both reach this
 MULTIPLES = (0.125, 0.25, 0.5, 1.0, 2.0)  # starting step sizes, in units of 1 / (input variance)
 HELDOUT = "heldout"
@@ -79,6 +85,72 @@ def newton_schulz(x_Nxd, y_N, xq_d, alpha, steps: int) -> jax.Array:
     `x_q^T M_k b`, the Neumann series with `2^k` terms (Fu et al. 2023's "iterative Newton")."""
     a, b = _normal_equations(x_Nxd, y_N)
     return solvers.newton_schulz(a, b[None], xq_d, alpha, steps)[:, 0]
+
+
+def softmax_smoother(x_Nxd, y_N, xq_d, a_dxd, r) -> jax.Array:
+    """One step of kernel regression with a softmax-normalised exponential kernel (Cheng, Chen & Sra
+    2023: softmax attention as functional GD), `r sum_i softmax_i(x_i^T A x_q) y_i`: the readout of
+    one softmax-attention head whose `W_KQ` x-block is `A sqrt(D)` (scores are scaled by `1/sqrt(D)`,
+    `D` the key size) and whose `W_PV` label entry is `-r` (docs/science.md section 9)."""
+    return r * jax.nn.softmax(x_Nxd @ (a_dxd @ xq_d)) @ y_N
+
+
+# Kernel shapes of the softmax families: name: (parameters (d), A from them (theta, d), start (a, d)).
+_KERNELS = {
+    "scalar": (lambda d: 1, lambda th, d: th[0] * jnp.eye(d), lambda a, d: a[None]),
+    "diag": (lambda d: d, lambda th, d: jnp.diag(th), lambda a, d: a * jnp.ones(d)),
+    "full": (lambda d: d * d, lambda th, d: th.reshape(d, d), lambda a, d: a * jnp.eye(d).ravel()),
+}
+_HEAD_SIGNS = (1.0, -1.0)  # two heads: the difference of two smoothers
+_LOGIT_STDS = (-4.0, -2.0, -1.0, -0.5, -0.125, 0.125, 0.5, 1.0, 2.0, 4.0)  # starting kernels, in logit stds
+
+
+def softmax_heads(theta, x_Nxd, y_N, xq_d, kernel: str, heads: int) -> jax.Array:
+    """`sum_h s_h r_h sum_i softmax_i(x_i^T A_h x_q) y_i` with `s = (+1, -1)`, theta `(A_1, r_1, A_2, r_2)`."""
+    size, matrix, _ = _KERNELS[kernel]
+    dim = x_Nxd.shape[1]
+    per_head = theta.reshape(heads, size(dim) + 1)
+    smoothers = jnp.stack([softmax_smoother(x_Nxd, y_N, xq_d, matrix(h[:-1], dim), h[-1]) for h in per_head])
+    return jnp.asarray(_HEAD_SIGNS[:heads]) @ smoothers
+
+
+def _softmax_starts(kernel: str, heads: int, d: int, eta0) -> jax.Array:
+    """Kernels `A = a I` whose logits `x_i^T A x_q` (std `|a| sqrt(d) / eta0`) have a std in
+    `_LOGIT_STDS`, every pair of different ones for two heads; `r` = 0, set by `fit` (`LINEAR_IN`)."""
+    _, _, start = _KERNELS[kernel]
+    scales = jnp.asarray(_LOGIT_STDS) * eta0 / math.sqrt(d)
+    head = lambda a: jnp.concatenate([start(a, d), jnp.zeros(1)])
+    if heads == 1:
+        return jax.vmap(head)(scales)
+    i, j = np.triu_indices(len(_LOGIT_STDS), 1)
+    return jax.vmap(lambda a1, a2: jnp.concatenate([head(a1), head(a2)]))(scales[i], scales[j])
+
+
+_SOFTMAX = {  # name: (kernel, heads)
+    "softmax_scalar": ("scalar", 1),
+    "softmax_diag": ("diag", 1),
+    "softmax_full": ("full", 1),
+    "softmax_2heads_scalar": ("scalar", 2),
+    "softmax_2heads_full": ("full", 2),
+}
+
+
+def _softmax_family(kernel: str, heads: int) -> tuple:
+    """A family of `heads` softmax smoothers (`softmax_heads`): one attention layer, so `families`
+    offers it to one-layer models only (its readout is broadcast over `K` like a closed form's)."""
+    size = _KERNELS[kernel][0]
+    what = "one softmax smoother" if heads == 1 else "the difference of two softmax smoothers"
+    return (
+        lambda k, d: heads * (size(d) + 1),
+        lambda th, x, y, q, sp, k, d, lam: jnp.broadcast_to(softmax_heads(th, x, y, q, kernel, heads), (k,)),
+        lambda k, d, e, n: _softmax_starts(kernel, heads, d, e),
+        f"{what}, r sum_i softmax_i(x_i^T A x_q) y_i, A {kernel} (Cheng, Chen & Sra 2023)",
+    )
+
+
+def _readouts(kernel: str, heads: int):
+    """Indices of the readouts `r_h` in a softmax family's parameters (the last of each head's)."""
+    return lambda k, d: tuple((h + 1) * (_KERNELS[kernel][0](d) + 1) - 1 for h in range(heads))
 
 
 def _pairs(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -185,7 +257,11 @@ FAMILIES = {
         lambda k, d, e, n: jnp.zeros((1, 0)),
         "Bayes-optimal: ridge with lambda = noise^2 / w_std^2",
     ),
+    **{name: _softmax_family(*spec) for name, spec in _SOFTMAX.items()},
 }
+# name: (K, d) -> the parameters its predictor is linear in. `fit` scores every start with them
+# set by least squares (variable projection), so that the starts need only cover the others.
+LINEAR_IN = {name: _readouts(*spec) for name, spec in _SOFTMAX.items()}
 
 
 @dataclass(frozen=True)
@@ -207,6 +283,11 @@ class Family:
     def about(self) -> str:
         return FAMILIES[self.name][3]
 
+    @property
+    def linear_in(self) -> tuple[int, ...]:
+        """The parameters its predictor is linear in, set by least squares at every start (`LINEAR_IN`)."""
+        return LINEAR_IN[self.name](self.steps, self.dim) if self.name in LINEAR_IN else ()
+
     def predict(self, theta_P, x_Nxd, y_N, xq_d, spec: references.RidgeSpectrum) -> jax.Array:
         """Readouts `[K]` on one task; `spec` is the task's `references.ridge_spectrum`."""
         return FAMILIES[self.name][1](theta_P, x_Nxd, y_N, xq_d, spec, self.steps, self.dim, self.lam)
@@ -218,9 +299,11 @@ class Family:
 
 def families(dim: int, steps: int, noise_std: float = 0.0, w_std: float = 1.0) -> tuple[list[Family], dict[str, str]]:
     """The hypothesis families for a model with `steps` readouts, and those left out (with the
-    reason) because at this depth or noise level they coincide with a simpler one."""
-    omitted = {}
-    if steps == 1:
+    reason) because at this depth or noise level they coincide with a simpler one, or (the softmax
+    smoothers) describe one attention layer only."""
+    if steps > 1:
+        omitted = dict.fromkeys(_SOFTMAX, "one softmax-attention step: tested on one-layer models only")
+    else:
         after = "for one step it is gd: {} acts only after the step"
         omitted = {
             "gd_per_step": "for one step it is gd",
@@ -250,33 +333,51 @@ def fit(
         preds = jax.vmap(family.predict, in_axes=(None, 0, 0, 0, 0))(theta, t.x, t.y, t.xq, spec)
         return preds[:, -1] - target_T
 
+    if family.linear_in:
+        starts = jax.vmap(functools.partial(_least_squares_in, residual, np.asarray(family.linear_in)))(starts)
     costs = jax.vmap(lambda th: jnp.sum(residual(th) ** 2))(starts)
     best = starts[jnp.argmin(jnp.where(jnp.isfinite(costs), costs, jnp.inf))]
     return solvers.levenberg_marquardt(residual, best, t.x.shape[0], iters)
+
+
+def _least_squares_in(residual: Callable[[jax.Array], jax.Array], index: np.ndarray, theta_P: jax.Array) -> jax.Array:
+    """`theta` with the entries at `index`, in which `residual` is linear, set to minimise
+    `|residual|^2` (lightly damped, for heads that coincide)."""
+    at = lambda v: residual(theta_P.at[index].set(v))
+    zero = jnp.zeros(len(index), theta_P.dtype)
+    r0, jvp = jax.linearize(at, zero)
+    jac_RxL = jax.vmap(jvp, out_axes=1)(jnp.eye(len(index), dtype=theta_P.dtype))
+    jtj = jac_RxL.T @ jac_RxL
+    damped = jtj + 1e-6 * jnp.trace(jtj) / len(index) * jnp.eye(len(index)) + 1e-30 * jnp.eye(len(index))
+    return theta_P.at[index].set(-spd_solve(damped, jac_RxL.T @ r0))
+
+
+def discrepancy(other: jax.Array | np.ndarray, model: jax.Array | np.ndarray) -> jax.Array:
+    """The normalised discrepancy `nmse = mean((f - m)^2) / var(m)` over the leading axis (tasks)."""
+    return jnp.mean((other - model) ** 2, axis=0) / jnp.var(model, axis=0)
 
 
 def agreement(model: metrics.Evaluation, other: metrics.Evaluation, yq_T: jax.Array) -> dict[str, jax.Array]:
     """Per readout `[K]`: docs/science.md section 5's preds diff, model cos and model diff, plus the
     normalised discrepancy `nmse = mean((f - m)^2) / var(m)` (`r2 = 1 - nmse`) and `other`'s loss."""
     out = metrics.alignment(model, other)
-    m, o = model.preds[..., 0, 0], other.preds[..., 0, 0]  # [T, K]: one scored position, one output
-    nmse = jnp.mean((o - m) ** 2, axis=0) / jnp.var(m, axis=0)
+    nmse = discrepancy(other.preds[..., 0, 0], model.preds[..., 0, 0])  # [T, K]: one scored position, one output
     out.update(nmse=nmse, r2=1.0 - nmse, loss=metrics.losses(other, yq_T[:, None, None]))
     return out
 
 
 def task_sets(task, key: jax.Array, n_tasks: int) -> dict[str, Tasks]:
     """The fit set and the scoring sets: held-out tasks from the training law (a linear-regression
-    task kind), and the same tasks with inputs scaled by 0.5 and 2, and from another input law of
-    the same variance."""
+    task kind), and the same tasks with inputs scaled by 0.5 and 2 (`task.scaled`: a non-isotropic
+    covariance scales with them), and from another input law of the same covariance."""
     law, scale = task.x_dist, task.x_scale
     other = "uniform" if law == "gaussian" else "gaussian"
     matched = scale * math.sqrt(tasks_lib.input_law(law, 1.0).var / tasks_lib.input_law(other, 1.0).var)
     laws = {
         "fit": task,
         HELDOUT: task,
-        "x_scale_x0.5": task.shifted(x_scale=0.5 * scale),
-        "x_scale_x2": task.shifted(x_scale=2.0 * scale),
+        "x_scale_x0.5": task.scaled(0.5),
+        "x_scale_x2": task.scaled(2.0),
         f"x_dist_{other}": task.shifted(x_dist=other, x_scale=matched),
     }
     return {name: law.draw(jax.random.fold_in(key, i), n_tasks) for i, (name, law) in enumerate(laws.items())}
@@ -344,15 +445,15 @@ def fit_and_score(model_fn: ModelFn, fams: list[Family], params_S, sets: dict[st
 
 
 def ranking(nmse_SxF: np.ndarray, n_params_F: np.ndarray, n_tasks: int, names: list[str]) -> dict:
-    """BIC on the held-out discrepancy: `score = n log(nmse + FLOOR) + p log n` per seed and family
+    """BIC on the held-out discrepancy: `score = n log(nmse + NMSE_ZERO) + p log n` per seed and family
     (Gaussian discrepancies of variance `nmse`, `p` fitted parameters, `n` held-out tasks); lower
     is better. The winner has the lowest mean score; its margin is the runner-up's score minus its
     own, per seed, with a 95% interval across seeds (Student t)."""
-    score = n_tasks * np.log(np.asarray(nmse_SxF, np.float64) + FLOOR) + np.asarray(n_params_F) * math.log(n_tasks)
+    score = n_tasks * np.log(np.asarray(nmse_SxF, np.float64) + NMSE_ZERO) + np.asarray(n_params_F) * math.log(n_tasks)
     order = np.argsort(score.mean(0), kind="stable")
     winner, runner_up = order[0], order[1]
     return {
-        "criterion": f"BIC = n log(nmse + {FLOOR:g}) + p log n on {n_tasks} held-out tasks (lower is better)",
+        "criterion": f"BIC = n log(nmse + {NMSE_ZERO:g}) + p log n on {n_tasks} held-out tasks (lower is better)",
         "order": [names[i] for i in order],
         "winner": names[winner],
         "runner_up": names[runner_up],
@@ -371,6 +472,42 @@ def off_identity(m_Bxdxd: np.ndarray) -> np.ndarray:
     return np.linalg.norm(m - scale[:, None, None] * np.eye(m.shape[-1]), axis=(-2, -1)) / np.maximum(
         np.linalg.norm(m, axis=(-2, -1)), 1e-30
     )
+
+
+def against_gamma_star(p_Sxdxd: np.ndarray, gamma_dxd: np.ndarray) -> dict[str, np.ndarray]:
+    """Fitted preconditioners against the best one-step preconditioner `Gamma*` (docs/science.md
+    section 10), per matrix: the best scalar `c` (`P ~ c Gamma*`), the relative Frobenius distance
+    `||P - c Gamma*|| / ||P||` after it, and the cosine of the flattened matrices."""
+    p = np.asarray(p_Sxdxd, np.float64).reshape(len(p_Sxdxd), -1)
+    g = np.asarray(gamma_dxd, np.float64).ravel()
+    scale = p @ g / (g @ g)
+    p_norm = np.maximum(np.linalg.norm(p, axis=1), 1e-30)
+    return {
+        "scale": scale,
+        "rel_distance": np.linalg.norm(p - scale[:, None] * g, axis=1) / p_norm,
+        "cosine": p @ g / (p_norm * np.linalg.norm(g)),
+    }
+
+
+def _gamma_star_report(task, fams: list[Family], report: dict) -> dict:
+    """`Gamma*` of the task's input law (`references.regression.precond_step`: its covariance, input
+    kurtosis, prior, noise and distractors), and `against_gamma_star` for the fitted `precond_full` and
+    `precond_diag` (added to their entries as `gamma_star`)."""
+    best = references.regression.precond_step(task).best()
+    matrices = {
+        "precond_full": lambda th: th.reshape(-1, task.dim, task.dim),
+        "precond_diag": lambda th: th[:, :, None] * np.eye(task.dim),
+    }
+    for f in fams:
+        if f.name in matrices:
+            compared = against_gamma_star(matrices[f.name](np.asarray(report[f.name]["params"])), best.gamma)
+            report[f.name]["gamma_star"] = {name: metrics.mean_ci95(v) for name, v in compared.items()}
+    return {
+        "gamma": best.gamma.tolist(),
+        "loss": best.loss,
+        "off_identity": float(off_identity(best.gamma[None])[0]),
+        "about": "the best preconditioner of one GD step on this input law (docs/science.md section 10)",
+    }
 
 
 def weight_structure(w_kq: np.ndarray, w_pv: np.ndarray, n_context: int) -> list[dict]:
@@ -408,12 +545,162 @@ def weight_structure(w_kq: np.ndarray, w_pv: np.ndarray, n_context: int) -> list
     return rows
 
 
+# The noise floor (issue 10 item 8): a trained model is never exactly any algorithm, so with
+# thousands of held-out tasks the BIC always prefers the family with most parameters. The
+# yardstick is how far apart two models are that run the same algorithm by construction: other
+# seeds of the same run, or the same seed one checkpoint earlier. Families whose held-out
+# discrepancy is within it cannot be told from the model, and the fewest parameters win.
+
+# source: (name in the verdict, what the model is as close to, what is compared), in order of preference
+FLOOR_SOURCES = {
+    "seeds": ("seed-to-seed", "another seed of it", "independently trained seeds of the run, every ordered pair"),
+    "checkpoints": (
+        "checkpoint-to-checkpoint",
+        "its own previous checkpoint",
+        "each explained seed's final checkpoint against its previous one",
+    ),
+}
+FLOOR_USABLE = 1.0 - EXPLAINS_R2  # a floor wider than what "explains" allows cannot separate families
+
+
+class FloorModels(NamedTuple):
+    """Models that run the same algorithm as the one explained: parameters with a leading axis
+    `[M, ...]` and, per source of `FLOOR_SOURCES`, pairs `(reference, other)` of indices into them
+    (the discrepancy is the other's against the reference's, as a family's against the model's);
+    `steps`: per source, the training steps compared (checkpoints), for the report."""
+
+    params: Any
+    pairs: dict[str, list[tuple[int, int]]]
+    steps: dict[str, list[int]] | None = None
+
+
+def floor_discrepancies(predict: Callable[[Any], jax.Array], floor: FloorModels) -> dict[str, np.ndarray]:
+    """Per source, `discrepancy` of each pair's final readouts, all entries of `predict(params)`
+    (one set of tasks or sequences) pooled as the family scores pool them."""
+    preds = jax.jit(jax.vmap(predict))(floor.params)
+    flat = preds.reshape(preds.shape[0], -1)
+    out = {}
+    for source, pairs in floor.pairs.items():
+        ref, other = np.asarray(pairs, int).reshape(-1, 2).T
+        out[source] = np.asarray(discrepancy(flat[other].T, flat[ref].T)) if len(ref) else np.zeros(0)
+    return out
+
+
+def noise_floor(nmse_by_source: dict[str, np.ndarray], steps: dict[str, list[int]] | None = None) -> dict:
+    """The floor, JSON-ready: every available source's discrepancies (mean, 95% interval across
+    pairs, number of pairs) and the floor itself, from the first source of `FLOOR_SOURCES` whose mean
+    is usable (below `FLOOR_USABLE`), else the first available: other seeds are the yardstick, a
+    checkpoint stands in for them when the run has one seed or seeds that learned different things."""
+    sources: dict[str, dict[str, Any]] = {
+        name: {"pairs": len(v), "nmse": metrics.mean_ci95(v), "about": FLOOR_SOURCES[name][2]}
+        | ({"steps": steps[name]} if steps and name in steps else {})
+        for name, v in nmse_by_source.items()
+        if len(v)
+    }
+    available = [name for name in FLOOR_SOURCES if name in sources]
+    usable = [name for name in available if sources[name]["nmse"]["mean"] < FLOOR_USABLE]
+    source = (usable or available or [None])[0]
+    return {
+        "source": source,
+        "nmse": None if source is None else sources[source]["nmse"],
+        "available": available,
+        "sources": sources,
+        "usable_below": FLOOR_USABLE,
+        "rule": "families with held-out nmse (mean over seeds) at most the floor's mean are indistinguishable "
+        "from the model; among them the fewest parameters win (then the lowest nmse); the floor is the first "
+        f"source (seeds, checkpoints) with a mean below {FLOOR_USABLE:g}; without one the BIC ranking stands",
+    }
+
+
+def within_floor(floor: dict, nmse_F: np.ndarray, n_params_F: np.ndarray, names: list[str]) -> list[str]:
+    """The families within a usable `floor` (`noise_floor`), fewest parameters first, then lowest nmse."""
+    if floor["nmse"] is None or floor["nmse"]["mean"] >= FLOOR_USABLE:
+        return []
+    inside = [i for i in range(len(names)) if nmse_F[i] <= floor["nmse"]["mean"]]
+    return [names[i] for i in sorted(inside, key=lambda i: (n_params_F[i], nmse_F[i]))]
+
+
+def conclude(families_report: dict, rank: dict, floor: dict | None, with_cos: bool = True) -> dict:
+    """Winner, whether it explains the model, and the verdict line: the family within the noise
+    floor with the fewest parameters when there is one (`within_floor`), else the BIC winner. A
+    family explains the model when its held-out R^2 (and model cos, `with_cos`) reach
+    `EXPLAINS_R2`. `floor` None: no floor clause (position bands of sequence models)."""
+    names = list(families_report)
+    nmse_F = np.array([families_report[n][HELDOUT]["nmse"]["mean"] for n in names])
+    n_params_F = np.array([families_report[n]["n_params"] for n in names])
+    within = [] if floor is None else within_floor(floor, nmse_F, n_params_F, names)
+    winner = within[0] if within else rank["winner"]
+    held = families_report[winner][HELDOUT]
+    r2, cos = held["r2"]["mean"], held["model_cos"]["mean"] if with_cos else None
+    explains = bool(r2 >= EXPLAINS_R2 and (cos is None or cos >= EXPLAINS_R2))
+    fit = f"held-out R^2 {r2:.4f}" + ("" if cos is None else f", model cos {cos:.4f}")
+    bic = (
+        f"BIC margin {rank['margin']['mean']:.1f} over {rank['runner_up']}, "
+        f"lowest in {rank['wins']}/{rank['seeds']} seed(s)"
+    )
+    needs = "both must reach" if with_cos else "must reach"
+    source = None if floor is None else floor["source"]
+    label, other, _ = FLOOR_SOURCES.get(source or "", ("", "", ""))
+    level = floor["nmse"]["mean"] if floor is not None and floor["nmse"] is not None else math.nan
+    if not explains:
+        verdict = f"no family explains the model: the best, {winner}, reaches {fit} ({needs} {EXPLAINS_R2})"
+    elif within:
+        by_bic = "the BIC agrees" if rank["winner"] == winner else f"by BIC alone {rank['winner']} wins: {bic}"
+        verdict = (
+            f"{winner} ({families_report[winner]['n_params']} parameter(s)) is as close to the model as {other}: "
+            f"within the {label} floor nmse {level:.2g} "
+            + (f"are {', '.join(within)}; the fewest parameters win " if len(within) > 1 else "is only it ")
+            + f"({fit}; {by_bic})"
+        )
+    else:
+        verdict = f"{winner} ({families_report[winner]['n_params']} parameter(s)) explains the model best: {fit}; {bic}"
+    if floor is not None and not within:
+        if source is None:
+            verdict += "; no noise floor (it needs two seeds or two checkpoints)"
+        elif level >= FLOOR_USABLE:
+            verdict += (
+                f"; the {label} floor nmse {level:.2g} is too wide to separate families (usable below {FLOOR_USABLE:g})"
+            )
+        else:
+            verdict += f"; no family is within the {label} floor nmse {level:.2g} (best {nmse_F.min():.2g})"
+    return {
+        "winner": winner,
+        "winner_by": "floor" if within else "BIC",
+        "within_floor": within,
+        "explains": explains,
+        "verdict": verdict,
+    }
+
+
+def measure_floor(predict: Callable[[Any], jax.Array], floor_models: FloorModels | None) -> dict:
+    """`noise_floor` of `floor_models` (None: no source) on the final readouts `predict(params)`."""
+    if floor_models is None:
+        return noise_floor({})
+    return noise_floor(floor_discrepancies(predict, floor_models), floor_models.steps)
+
+
+def _over_floor(families_report: dict, floor: dict) -> None:
+    """Every family's held-out nmse over the floor (`nmse_over_floor`; None without a floor)."""
+    level = None if floor["nmse"] is None else max(floor["nmse"]["mean"], 1e-30)
+    for entry in families_report.values():
+        entry["nmse_over_floor"] = None if level is None else entry[HELDOUT]["nmse"]["mean"] / level
+
+
 def explain(
-    model_fn: ModelFn, params_S, task, key: jax.Array, *, steps: int, n_tasks: int = 2048, iters: int = 50
+    model_fn: ModelFn,
+    params_S,
+    task,
+    key: jax.Array,
+    *,
+    steps: int,
+    n_tasks: int = 2048,
+    iters: int = 50,
+    floor_models: FloorModels | None = None,
 ) -> dict:
     """The whole test for a model given as `model_fn(params, x, y, xq) -> y_hat_K` with a leading
-    seed axis on `params_S`: families fitted, scored, ranked; JSON-ready (means and 95% intervals
-    across seeds, final readout unless `per_layer`)."""
+    seed axis on `params_S`: families fitted, scored, ranked by BIC and against the noise floor of
+    `floor_models` (`conclude`); JSON-ready (means and 95% intervals across seeds, final readout
+    unless `per_layer`)."""
     fams, omitted = families(task.dim, steps, task.noise_std, task.w_std)
     sets = task_sets(task, key, n_tasks)
     raw = fit_and_score(model_fn, fams, params_S, sets, iters)
@@ -434,20 +721,18 @@ def explain(
                 off_identity(np.asarray(r["theta"]).reshape(-1, f.dim, f.dim)).reshape(len(r["theta"]), -1).mean(1)
             )
         report[f.name] = entry
-    best = report[rank["winner"]][HELDOUT]
-    r2, cos = best["r2"]["mean"], best["model_cos"]["mean"]
-    explains = bool(r2 >= EXPLAINS_R2 and cos >= EXPLAINS_R2)
-    margin = rank["margin"]
-    if explains:
-        verdict = (
-            f"{rank['winner']} ({report[rank['winner']]['n_params']} parameter(s)) explains the model best: "
-            f"held-out R^2 {r2:.4f}, model cos {cos:.4f}; BIC margin {margin['mean']:.1f} over "
-            f"{rank['runner_up']}, lowest in {rank['wins']}/{rank['seeds']} seed(s)"
-        )
-    else:
-        verdict = (
-            f"no family explains the model: the best, {rank['winner']}, reaches held-out R^2 {r2:.4f} and "
-            f"model cos {cos:.4f} (both must reach {EXPLAINS_R2})"
+    heldout = sets[HELDOUT]
+    final = lambda p: jax.vmap(lambda x, y, q: model_fn(p, x, y, q)[-1])(heldout.x, heldout.y, heldout.xq)
+    floor = measure_floor(final, floor_models)
+    _over_floor(report, floor)
+    outcome = conclude(report, rank, floor)
+    gamma_star = {}
+    if steps == 1 and getattr(task, "x_cov", None) is not None:  # non-isotropic inputs: GD is not Gamma*
+        gamma_star = {"gamma_star": _gamma_star_report(task, fams, report)}
+        full = report["precond_full"]["gamma_star"]
+        outcome["verdict"] += (
+            f"; fitted precond_full against Gamma*: relative distance {full['rel_distance']['mean']:.3g}, "
+            f"cosine {full['cosine']['mean']:.4f}, scale {full['scale']['mean']:.3g}"
         )
     return {
         "steps": steps,
@@ -459,9 +744,10 @@ def explain(
         "families": report,
         "omitted": omitted,
         "ranking": rank,
-        "explains": explains,
+        "floor": floor,
+        **gamma_star,
+        **outcome,
         "explains_threshold": EXPLAINS_R2,
-        "verdict": verdict,
     }
 
 
@@ -645,9 +931,12 @@ def _fit_and_score_sequences(
     return {"model_loss": model_loss, "families": families}
 
 
-def _band_report(raw: dict, fams: list[SequenceFamily], band: int, scoring: list[str], n_sequences: int) -> dict:
+def _band_report(
+    raw: dict, fams: list[SequenceFamily], band: int, scoring: list[str], n_sequences: int, floor: dict | None
+) -> dict:
     """Ranking, families and verdict of one position band (`band`: its index in the raw results),
-    JSON-ready; laid out as a regression report (`explain`)."""
+    JSON-ready; laid out as a regression report (`explain`), with the noise `floor` (all positions)
+    when given."""
     names = [f.name for f in fams]
     held = scoring.index(HELDOUT)
     nmse_SxF = np.stack([raw["families"][name]["scores"]["nmse"][:, band, held, -1] for name in names], 1)
@@ -662,25 +951,14 @@ def _band_report(raw: dict, fams: list[SequenceFamily], band: int, scoring: list
             entry[s].update(model_cos=NOT_COMPUTED, model_diff=NOT_COMPUTED)
         entry["per_layer"] = {m: scores[m][:, held].mean(0).tolist() for m in ("r2", "preds_diff")}
         report[f.name] = entry
-    r2 = report[rank["winner"]][HELDOUT]["r2"]["mean"]
-    explains = bool(r2 >= EXPLAINS_R2)
-    if explains:
-        verdict = (
-            f"{rank['winner']} ({report[rank['winner']]['n_params']} parameter(s)) explains the model best: "
-            f"held-out R^2 {r2:.4f}; BIC margin {rank['margin']['mean']:.1f} over {rank['runner_up']}, "
-            f"lowest in {rank['wins']}/{rank['seeds']} seed(s)"
-        )
-    else:
-        verdict = (
-            f"no family explains the model: the best, {rank['winner']}, reaches held-out R^2 {r2:.4f} "
-            f"(must reach {EXPLAINS_R2})"
-        )
+    if floor is not None:
+        _over_floor(report, floor)
     return {
         "model": {s: {"loss": metrics.mean_ci95(raw["model_loss"][:, band, i, -1])} for i, s in enumerate(scoring)},
         "families": report,
         "ranking": rank,
-        "explains": explains,
-        "verdict": verdict,
+        **({} if floor is None else {"floor": floor}),
+        **conclude(report, rank, floor, with_cos=False),
     }
 
 
@@ -693,6 +971,7 @@ def explain_sequences(
     steps: int,
     n_tasks: int = 2048,
     iters: int = 50,
+    floor_models: FloorModels | None = None,
 ) -> dict:
     """The whole test for a sequence model given as `model_fn(params, tokens_BxTxW) -> [B, K, T, D]`
     (a leading seed axis on `params_S`; tokens from `task.batch`): every family fitted, scored and
@@ -700,8 +979,9 @@ def explain_sequences(
     each position band of its own (`position_bands`: a trained model need not use the same effective
     step at every context length, e.g. softmax attention normalises by `t`; the fitted scalars per
     band show the drift). A family explains a band when its held-out R^2 reaches `EXPLAINS_R2`
-    (no model cos: see `NOT_COMPUTED`). JSON-ready: the all-positions band at the top level, laid out
-    as a regression report, the sub-bands under `bands`."""
+    (no model cos: see `NOT_COMPUTED`). The noise floor of `floor_models` (`conclude`) applies to
+    all positions, on the held-out sequences. JSON-ready: the all-positions band at the top level,
+    laid out as a regression report, the sub-bands under `bands`."""
     fams, omitted = sequence_families(steps, float(task.ridge_lambda))
     sets = sequence_sets(task, key, n_tasks)
     names = ["fit", *[name for name in sets if name != "fit"]]
@@ -718,7 +998,12 @@ def explain_sequences(
     )
     raw = jax.device_get(raw)
     scoring = names[1:]
-    reports = {name: _band_report(raw, fams, i, scoring, n_tasks) for i, name in enumerate(bands)}
+    held_tokens = task.batch(sets[HELDOUT]).tokens
+    floor = measure_floor(lambda p: model_fn(p, held_tokens)[:, -1], floor_models)
+    reports = {
+        name: _band_report(raw, fams, i, scoring, n_tasks, floor if name == ALL_POSITIONS else None)
+        for i, name in enumerate(bands)
+    }
     report = reports.pop(ALL_POSITIONS)
     for name, band in reports.items():
         band["positions"] = list(bands[name])

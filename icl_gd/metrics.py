@@ -113,6 +113,15 @@ def alignment(a: Evaluation, b: Evaluation, by_position: bool = False) -> dict[s
     }
 
 
+def sign_agreement(a: Evaluation, b: Evaluation, by_position: bool = False) -> jax.Array:
+    """The paper's partial cos on 1-d inputs (docs/science.md section 9): the share of tasks (and of
+    sensitivity coordinates) where `a`'s and `b`'s sensitivities have the same sign, for each
+    readout: `[K]` (or `[K, P]`). `b` may have a single readout, compared with every readout of `a`."""
+    assert a.sens is not None and b.sens is not None
+    same_KxP = jnp.mean(jnp.sign(a.sens) == jnp.sign(b.sens), axis=(0, 3, 4))
+    return _by(same_KxP, by_position)
+
+
 def mean_ci95(values) -> dict:
     """Mean, Student-t 95% interval across seeds and the per-seed values (JSON-ready). With a
     trailing axis (e.g. positions), each entry is a list over it."""

@@ -62,6 +62,7 @@ class Weights(NamedTuple):
     first: Layers | None = None  # `model.first_layer`: a first layer of its own (no layer axis)
     project_in: jax.Array | None = None  # `model.embed_dim`: tokens `[D_tok]` -> model width `[E]`
     project_out: jax.Array | None = None  # `model.embed_dim`: model width -> prediction, `[E, O]`
+    embed_in: jax.Array | None = None  # `model.input_embedding=residual`: the bias-free map `[d, F]` before `embed`
 
 
 def lsa(w_kq: jax.Array, w_pv: jax.Array) -> Weights:
@@ -79,6 +80,7 @@ class Architecture:
     clip_activations: float | None = None
     input_mlp: bool = False
     positional: bool = False
+    positional_dim: int | None = None  # None: one-hot positions; else sinusoidal encodings of this size
     first_layer: str | None = None  # the attention kind of a first layer of its own
     mesa_impl: str = "scan"
     embed_dim: int | None = None
@@ -92,6 +94,7 @@ class Architecture:
             clip_activations=model_cfg.clip_activations,
             input_mlp=bool(model_cfg.input_mlp),
             positional=bool(model_cfg.positional),
+            positional_dim=None if model_cfg.positional_dim is None else int(model_cfg.positional_dim),
             first_layer=None if model_cfg.first_layer is None else model_cfg.first_layer.name,
             mesa_impl=model_cfg.mesa_impl.name,
             embed_dim=None if model_cfg.embed_dim is None else int(model_cfg.embed_dim),
@@ -107,9 +110,20 @@ class Architecture:
 
     def token_width(self, features: int) -> int:
         """Width of the tokens the model reads, with `features` input-MLP features (when it has
-        one) and one-hot positions (when it has them)."""
+        one) and positions (when it has them)."""
         extra = features - self.layout.input_dim if self.input_mlp else 0
-        return self.layout.width + extra + (self.layout.length if self.positional else 0)
+        return self.layout.width + extra + (self.positions_width if self.positional else 0)
+
+    @property
+    def positions_width(self) -> int:
+        """Width of the positions appended to the tokens: one-hot, or sinusoidal of `positional_dim`."""
+        return self.layout.length if self.positional_dim is None else self.positional_dim
+
+    def positions(self, dtype) -> jax.Array:
+        """`[length, positions_width]`: the positions `embed` appends (one-hot, or sinusoidal)."""
+        if self.positional_dim is None:
+            return jnp.eye(self.layout.length, dtype=dtype)
+        return jnp.asarray(sinusoidal(self.layout.length, self.positional_dim), dtype)
 
     def width(self, features: int) -> int:
         """Token width inside the model: `embed_dim` when the tokens are projected, else the tokens'."""
@@ -133,22 +147,32 @@ def mlp(z: jax.Array, p: MLP) -> jax.Array:
     return jax.nn.gelu(z @ p.w1 + p.b1) @ p.w2 + p.b2
 
 
+def input_features(embed: MLP, embed_in: jax.Array | None, x_Nxd: jax.Array) -> jax.Array:
+    """The input embedding's features of inputs `x`, `[N, F]` (docs/science.md section 9): `mlp(x)`,
+    or with the residual form's bias-free linear map `embed_in`, the paper's `e + mlp(e)`, `e = x embed_in`."""
+    if embed_in is None:
+        return mlp(x_Nxd, embed)
+    e = x_Nxd @ embed_in
+    return e + mlp(e, embed)
+
+
 def embed(
     arch: Architecture, weights: Weights, rows_RxD: jax.Array, positions: tuple[int, ...] | None = None
 ) -> jax.Array:
     """The model's input tokens at `positions` (default: the whole sequence): the input MLP's
-    features in place of the query slot of the input tokens (zeros in the others), then one-hot
-    positions appended when the model has them."""
+    features in place of the query slot of the input tokens (zeros in the others), then the
+    positions (one-hot or sinusoidal) appended when the model has them."""
     layout = arch.layout
     where = np.arange(layout.length) if positions is None else np.asarray(positions)
     if arch.input_mlp:
         assert weights.embed is not None and layout.input_tokens is not None
         start, stop = layout.query_slot, layout.query_slot + layout.input_dim
         is_input = np.isin(where, layout.input_tokens)[:, None]
-        features = jnp.where(is_input, mlp(rows_RxD[:, start:stop], weights.embed), 0.0)
+        inputs = rows_RxD[:, start:stop]
+        features = jnp.where(is_input, input_features(weights.embed, weights.embed_in, inputs), 0.0)
         rows_RxD = jnp.concatenate([rows_RxD[:, :start], features, rows_RxD[:, stop:]], axis=-1)
     if arch.positional:
-        rows_RxD = jnp.concatenate([rows_RxD, jnp.eye(layout.length, dtype=rows_RxD.dtype)[where]], axis=-1)
+        rows_RxD = jnp.concatenate([rows_RxD, arch.positions(rows_RxD.dtype)[where]], axis=-1)
     if weights.project_in is not None:
         rows_RxD = rows_RxD @ weights.project_in
     return rows_RxD
@@ -357,8 +381,9 @@ class Transformer(nnx.Module):
     classic tokens a causal copy layer (factors `copy_q, copy_k, copy_v, copy_p`, `[H, D, D]`)
     comes first. Optional, created after the rest (so that the random streams of models without
     them do not move): input and output projections (`model.embed_dim`), a first layer of its own
-    (`first_*`, keys and queries `2D` wide: they see position encodings) and the mesa-layer's
-    `log(lambda)` per layer and head.
+    (`first_*`, keys and queries `2D` wide: they see position encodings), the mesa-layer's
+    `log(lambda)` per layer and head, and the residual input embedding's bias-free map `embed_in`
+    (its MLP, `embed_*`, then reads the `F` features instead of the raw inputs).
     """
 
     def __init__(self, model_cfg, layout: Layout, init_scale: float, rngs: nnx.Rngs):
@@ -408,12 +433,14 @@ class Transformer(nnx.Module):
             if model_cfg.mlp
             else (None,) * 4
         )
-        embed_width, he = int(model_cfg.input_mlp_width), jax.nn.initializers.he_normal()
+        # The residual embedding draws from the model's variance-scaling law, as the paper's code; the mlp form He.
+        residual = bool(model_cfg.input_mlp) and model_cfg.input_embedding.name == "residual"
+        embed_width, embed_init = int(model_cfg.input_mlp_width), dense if residual else jax.nn.initializers.he_normal()
         self.embed_w1, self.embed_b1, self.embed_w2, self.embed_b2 = (
             (
-                nnx.Param(he(rngs.params(), (layout.input_dim, embed_width))),
+                nnx.Param(embed_init(rngs.params(), (features if residual else layout.input_dim, embed_width))),
                 nnx.Param(jnp.zeros((embed_width,))),
-                nnx.Param(he(rngs.params(), (embed_width, features))),
+                nnx.Param(embed_init(rngs.params(), (embed_width, features))),
                 nnx.Param(jnp.zeros((features,))),
             )
             if model_cfg.input_mlp
@@ -442,6 +469,7 @@ class Transformer(nnx.Module):
         mesa = lambda kind, shape: nnx.Param(jnp.full(shape, log_lam)) if kind == "mesa" else None
         self.mesa_log_lambda = mesa(arch.attention, (n, heads))
         self.first_log_lambda = mesa(arch.first_layer, (1, heads))
+        self.embed_in = nnx.Param(dense(rngs.params(), (layout.input_dim, features))) if residual else None
 
     def weights(self) -> Weights:
         """The explicit `Weights`: attention as products per layer and head, and the rest."""
@@ -477,6 +505,7 @@ class Transformer(nnx.Module):
             first=first,
             project_in=value(self.project_in),
             project_out=value(self.project_out),
+            embed_in=value(self.embed_in),
         )
 
     def __call__(self, tokens_TxD: jax.Array) -> jax.Array:

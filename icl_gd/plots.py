@@ -321,14 +321,17 @@ def ood_curves(df: pd.DataFrame, stem: Path) -> list[Path]:
     return save(fig, stem)
 
 
-def sine_fits(net_ExG, gd_ExG, ctx_x_ExN, ctx_y_ExN, feats_GxF, grid_G, stem: Path) -> list[Path]:
-    """Example sine tasks (context points, the model's and MLP + GD's predictions over the query
-    range) and the learned input-MLP features."""
+def sine_fits(net_ExG, gd_ExG, ctx_x_ExN, ctx_y_ExN, feats_GxF, grid_G, stem: Path, paper_ExG=None) -> list[Path]:
+    """Example sine tasks (context points, the model's, MLP + GD's on the model's features and, when
+    given, the paper's meta-learned MLP + GD's predictions over the query range) and the learned
+    input-embedding features."""
     n: int = net_ExG.shape[0]
     fig, axes = plt.subplots(1, n + 1, figsize=(3.6 * (n + 1), 3.4))
     for e, ax in enumerate(axes[:n]):
         ax.plot(grid_G, net_ExG[e], color="C0", label="trained model")
-        ax.plot(grid_G, gd_ExG[e], color="C1", linestyle="--", label="MLP + GD")
+        ax.plot(grid_G, gd_ExG[e], color="C1", linestyle="--", label="GD on its features")
+        if paper_ExG is not None:
+            ax.plot(grid_G, paper_ExG[e], color="C2", linestyle=":", label="MLP + GD (paper's)")
         ax.scatter(ctx_x_ExN[e], ctx_y_ExN[e], color="k", s=12, zorder=3, label="context")
         ax.set_xlabel("query x")
         ax.grid(alpha=0.3)
@@ -336,7 +339,7 @@ def sine_fits(net_ExG, gd_ExG, ctx_x_ExN, ctx_y_ExN, feats_GxF, grid_G, stem: Pa
     axes[-1].plot(grid_G, feats_GxF, linewidth=1)
     axes[-1].set_title("learned features phi(x)")
     axes[-1].set_xlabel("x")
-    fig.suptitle("sine regression through an input MLP (seed 0)", fontsize=10)
+    fig.suptitle("sine regression through an input embedding (seed 0)", fontsize=10)
     return save(fig, stem)
 
 
@@ -379,9 +382,11 @@ def weight_heatmaps(w_kq: np.ndarray, w_pv: np.ndarray, stem: Path, title: str =
 
 def explain_ranking(report: dict, stem: Path) -> list[Path]:
     """Left: each family's penalised score above the winner's (BIC difference, 95% interval across
-    seeds). Right: its normalised discrepancy to the model (1 - R^2) on held-out and shifted tasks."""
+    seeds; `*`: within the noise floor). Right: its normalised discrepancy to the model (1 - R^2) on
+    held-out and shifted tasks, and the noise floor on held-out tasks (dashed; 95% interval shaded)."""
     names = report["ranking"]["order"]
     fams = report["families"]
+    within = set(report.get("within_floor", ()))
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 0.45 * len(names) + 2))
     y = np.arange(len(names))
     delta = report["ranking"]["delta"]
@@ -389,7 +394,7 @@ def explain_ranking(report: dict, stem: Path) -> list[Path]:
     lo = np.array([delta[n]["ci95"][0] if delta[n]["ci95"][0] is not None else delta[n]["mean"] for n in names])
     hi = np.array([delta[n]["ci95"][1] if delta[n]["ci95"][1] is not None else delta[n]["mean"] for n in names])
     left.barh(y, means, xerr=[means - lo, hi - means], color="C0")
-    left.set_yticks(y, [f"{n} ({fams[n]['n_params']})" for n in names])
+    left.set_yticks(y, [f"{n} ({fams[n]['n_params']}){' *' if n in within else ''}" for n in names])
     left.invert_yaxis()
     left.set_xscale("symlog", linthresh=10)
     left.set_xlabel("BIC above the winner (lower is better)")
@@ -398,6 +403,12 @@ def explain_ranking(report: dict, stem: Path) -> list[Path]:
     for i, name in enumerate(report["sets"]):
         nmse = [max(fams[n][name]["nmse"]["mean"], 1e-12) for n in names]
         right.barh(y + (i - (len(report["sets"]) - 1) / 2) * width, nmse, height=width, label=name, color=f"C{i}")
+    floor = report.get("floor", {}).get("nmse")
+    if floor is not None:  # the noise floor: other seeds (or checkpoints) of the model, held-out tasks
+        lo_f, hi_f = floor["ci95"]
+        if lo_f is not None:
+            right.axvspan(max(lo_f, 1e-12), max(hi_f, 1e-12), color="0.5", alpha=0.2)
+        right.axvline(max(floor["mean"], 1e-12), color="k", linestyle="--", label=f"{report['floor']['source']} floor")
     right.set_yticks(y, [])
     right.invert_yaxis()
     right.set_xscale("log")
@@ -576,4 +587,43 @@ def r2_by_lag(before: dict, after: dict, threshold: float, title: str, stem: Pat
     ax.set_ylabel(f"held-out R^2, mean over positions t > k (floor {R2_FLOOR})")
     ax.legend(fontsize=8)
     ax.set_title(textwrap.fill(title, 95), fontsize=8)
+    return save(fig, stem)
+
+
+def layer_match(report: dict, title: str, stem: Path) -> list[Path]:
+    """Per-layer algorithm matching (`icl_gd.layer_match`): per algorithm a heatmap of the seed-mean
+    `1 - R^2` of each layer's readout against the algorithm after `j` steps (log colour, R^2
+    written in the cells), the best `j` of each layer outlined, its R^2 and model cos beside the layer."""
+    algorithms = report["algorithms"]
+    widths = [a["steps"] + 2 for a in algorithms.values()]
+    n_layers = len(report["layers"])
+    fig, axes = plt.subplots(
+        1,
+        len(algorithms),
+        figsize=(0.62 * sum(widths) + 3, 0.75 * n_layers + 2.2),
+        squeeze=False,
+        gridspec_kw={"width_ratios": widths},
+        layout="constrained",
+    )
+    image = None
+    for ax, alg in zip(axes[0], algorithms.values(), strict=True):
+        r2 = np.array([entry["mean"] for entry in alg["r2"]], dtype=float)
+        shade = np.log10(np.clip(1.0 - r2, 1e-4, 1.0))
+        image = ax.imshow(shade, cmap="viridis", vmin=-4, vmax=0, aspect="auto")
+        for (k, j), value in np.ndenumerate(r2):
+            text = "<0" if value < 0 else f"{value:.4f}" if value >= 0.99 else f"{value:.2f}"
+            ax.text(j, k, text, ha="center", va="center", fontsize=6.5, color="w" if shade[k, j] < -2 else "k")
+        labels = []
+        for k, best in enumerate(alg["best"]):
+            j = best["j_of_mean"] - 1
+            ax.plot(j + np.array([-0.5, 0.5, 0.5, -0.5, -0.5]), k + np.array([-0.5, -0.5, 0.5, 0.5, -0.5]), "r-", lw=2)
+            cos = alg["model_cos"][k]["mean"][j]
+            labels.append(f"layer {k + 1}: j={j + 1}\nR^2 {r2[k, j]:.4f}, cos {cos:.4f}")
+        ax.set_yticks(np.arange(n_layers), labels, fontsize=7)
+        ax.set_xticks(np.arange(alg["steps"]), [str(j) for j in range(1, alg["steps"] + 1)], fontsize=7)
+        ax.set_xlabel("j steps" + (" (2^j Neumann terms)" if alg["label"] == "Newton-Schulz" else ""), fontsize=8)
+        ax.set_title(alg["label"], fontsize=9)
+    assert image is not None
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label="log10(1 - R^2), seed mean")
+    fig.suptitle(textwrap.fill(f"{title}. Best per layer: {report['finding']}", 140), fontsize=8)
     return save(fig, stem)

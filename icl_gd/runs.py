@@ -191,9 +191,14 @@ class Checkpoints:
         nnx.replace_by_pure_dict(params, restored["params"])
         return params, jax.tree_util.tree_unflatten(treedef, list(restored["opt_state"]))
 
-    def restore_params(self, abstract: nnx.State) -> nnx.State:
-        """The parameters of the latest checkpoint (also of runs written before optimizer states were kept)."""
-        ocp, step = self._ocp, self._manager.latest_step()
+    def steps(self) -> list[int]:
+        """The steps of the checkpoints kept, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def restore_params(self, abstract: nnx.State, step: int | None = None) -> nnx.State:
+        """The parameters of the checkpoint at `step` (default the latest; also of runs written
+        before optimizer states were kept)."""
+        ocp, step = self._ocp, self._manager.latest_step() if step is None else step
         if step is None:
             raise RunDirError(f"RUN_DIR: {self._manager.directory} holds no checkpoint")
         target = ocp.args.StandardRestore(nnx.to_pure_dict(abstract))
@@ -230,6 +235,12 @@ class Trained:
         return jax.tree_util.tree_map(lambda a: a[s], self.params)
 
 
+def _abstract_params(cfg: DictConfig, model: models.Model) -> nnx.State:
+    """The structure of every seed's parameters (leading seed axis), to restore a checkpoint into."""
+    init_keys, _ = training.seed_keys(int(cfg.train.seed), int(cfg.train.seeds))
+    return jax.eval_shape(jax.vmap(model.init), init_keys)
+
+
 def load(run_dir: str | Path) -> Trained:
     """The one loader of a run directory: config, task, model and the checkpointed parameters."""
     run_dir = Path(run_dir)
@@ -238,8 +249,16 @@ def load(run_dir: str | Path) -> Trained:
     cfg = load_config(run_dir)
     task = tasks.from_config(cfg.task)
     model = models.build(cfg.model, task.layout)
-    init_keys, _ = training.seed_keys(int(cfg.train.seed), int(cfg.train.seeds))
-    abstract = jax.eval_shape(jax.vmap(model.init), init_keys)
     with Checkpoints(run_dir) as checkpoints:
-        params = checkpoints.restore_params(abstract)
+        params = checkpoints.restore_params(_abstract_params(cfg, model))
     return Trained(run_dir, cfg, task, model, params, load_summary(run_dir))
+
+
+def previous_checkpoint(trained: Trained) -> tuple[list[int], nnx.State] | None:
+    """The steps `[previous, final]` and every seed's parameters of the checkpoint kept before the
+    final one (`train.checkpoint_every` evaluations earlier; None when the run kept only one)."""
+    with Checkpoints(trained.run_dir) as checkpoints:
+        steps = checkpoints.steps()
+        if len(steps) < 2:
+            return None
+        return steps[-2:], checkpoints.restore_params(_abstract_params(trained.cfg, trained.model), steps[-2])

@@ -35,6 +35,9 @@ def test_every_experiment_composes(name):
         ("task=lds", None),
         ("task.variant=full", "task.variant: unknown field; allowed: kind, dim, n_context"),
         ("train.checkpoint_every=0", "train.checkpoint_every: got 0; allowed: an integer >= 1"),
+        ("model.positional_dim=5", "model.positional_dim: got 5; allowed: null or an even integer >= 2"),
+        ("model.input_embedding=conv", "model.input_embedding: got 'conv'; allowed: mlp | residual"),
+        ("eval.mlpgd_eta=0", "eval.mlpgd_eta: got 0.0; allowed: a number > 0"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_field(override, message):

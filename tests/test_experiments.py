@@ -47,7 +47,10 @@ def tiny_overrides(name: str) -> list[str]:
         # The separator tuning is exercised on the shared tiny run (tests/test_fewshot.py).
         untuned = ["eval.fewshot_tune_steps=0", "eval.fewshot_prefix=0"]
         return [*TINY_LDS, *narrow, *untuned, *(["task.hidden_dim=4"] if cfg.task.variant.name == "partial" else [])]
-    return [o for o in TINY if not (cfg.task.kind == "sine" and o.startswith("task.dim="))]  # sine: 1-d inputs
+    mlpgd = ["eval.mlpgd_steps=5", "eval.mlpgd_batch=32"] if cfg.eval.mlpgd_steps else []  # sine_paper's comparator
+    cov = cfg.task.get("x_cov")
+    narrow = [f"task.x_cov=[{cov[0]},{cov[len(cov) // 2]},{cov[-1]}]"] if cov is not None else []  # TINY's 3 dims
+    return [o for o in TINY if not (cfg.task.kind == "sine" and o.startswith("task.dim="))] + mlpgd + narrow  # sine: 1-d
 
 
 @pytest.mark.parametrize("name", config.group_options("experiment"))

@@ -48,6 +48,19 @@ def test_positions_are_one_hot_and_the_label_slot_is_read_out(task, kind, length
     assert arch.readout(models.Weights(models.Layers(models.Attention(None, None)))) == D  # the label slot
 
 
+def test_sinusoidal_positions_of_their_own_size_are_appended(task):
+    """`model.positional_dim`: sinusoidal encodings of that size in place of one-hot positions (the
+    paper's classic-token setup, docs/science.md section 9)."""
+    t, _ = task
+    arch = models.Architecture(CLASSIC.layout, positional=True, positional_dim=6)
+    assert arch.width(D) == D + 1 + 6
+    plain = CLASSIC.tokenize(t.x, t.y, t.xq)
+    seq = models.embed(arch, models.Weights(models.Layers(models.Attention(None, None))), plain)
+    np.testing.assert_array_equal(seq[:, : D + 1], plain)
+    chex.assert_trees_all_close(seq[:, D + 1 :], models.sinusoidal(2 * N + 1, 6), atol=1e-7)
+    np.testing.assert_array_equal(seq[0, D + 1 :], [0.0, 1.0] * 3)  # position 0: sin 0, cos 0
+
+
 def copying_weights(eta: float, sharpness: float = 400.0) -> tuple[models.Architecture, models.Weights]:
     """A copy layer that moves each token's left neighbour's x slot into its own (a shift on the
     one-hot positions), followed by the GD construction padded to the wider tokens."""

@@ -1,6 +1,7 @@
-"""Reference algorithms for regression tasks (docs/science.md sections 4 and 6): GD and GD++
+"""Reference algorithms for regression tasks (docs/science.md sections 4, 6 and 10): GD and GD++
 computed on the data and as LSA weights, the learning-rate line search, closed forms, OLS and
-ridge; registered as the references `gd`, `gdpp`, `ols` and `ridge` of `task=linear` and `task=sine`.
+ridge; registered as the references `gd`, `gdpp`, `ols` and `ridge` of `task=linear` and `task=sine`,
+and preconditioned GD (`precond_gd`) of `task=linear` with non-isotropic inputs.
 
 The GD reference is explicit `jnp` on purpose: it is the object of study, and tests check the
 LSA constructions against it.
@@ -13,11 +14,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from icl_gd import models
 from icl_gd.references.registry import ANALYTIC, Reference, register
-from icl_gd.tasks import Regression, Tasks, input_law
+from icl_gd.tasks import LinearRegression, Regression, Tasks, input_law
 
 
 def gdpp_weights(etas_K: jax.Array, gammas_K: jax.Array, dim: int, n_context: int) -> models.Weights:
@@ -139,6 +141,105 @@ def closed_form_gd(
         + clean * (clean - 1) * w_std**2 * d * var**3
     ) / n**2
     return GDReference(eta=e_gy / e_gg, loss=0.5 * (e_yy - e_gy**2 / e_gg))
+
+
+class PrecondGD(NamedTuple):
+    """The best preconditioner `Gamma*` of one preconditioned GD step and its expected loss."""
+
+    loss: float
+    gamma: np.ndarray
+
+
+class PrecondStep(NamedTuple):
+    """The second moments of one preconditioned GD step `y_hat = x_q^T Gamma b`, `b = (1/N) sum_i
+    x_i y_i`, on inputs of covariance `Sigma` (docs/science.md section 10), in float64:
+    `E[y_q^2] = e_yy`, `E[b y_q x_q^T] = c Sigma^2` and `E[b b^T] = Sigma H`, `H = h_sigma Sigma +
+    h_eye I`. Every quadratic loss below follows from them."""
+
+    sigma: np.ndarray
+    e_yy: float
+    c: float
+    h: np.ndarray
+
+    @classmethod
+    def of(
+        cls,
+        sigma_dxd: np.ndarray,
+        n_context: int,
+        *,
+        kurtosis: float = 3.0,
+        w_std: float = 1.0,
+        noise_std: float = 0.0,
+        distractors: int = 0,
+    ) -> PrecondStep:
+        """The moments for inputs `x = B z`, `B B^T = Sigma` with `B^T B` diagonal (`B = R diag(sqrt(
+        eigenvalues))`, as `task.x_cov` draws them, or a multiple of `I`), `z` i.i.d. coordinates of unit
+        variance and fourth moment `kurtosis` (3: Gaussian; then any `B` will do), `w ~ N(0, s_w^2 I)`,
+        label noise `sigma_n`, and `k` of the `N` context labels replaced by noise of the labels'
+        variance `s_y^2 = s_w^2 tr(Sigma) + sigma_n^2`. Then `E[x x^T x x^T] = (kurtosis - 1) Sigma^2 +
+        tr(Sigma) Sigma`, and with `C = N - k` clean labels: `c = (C/N) s_w^2`, `h_sigma = s_w^2 C (C +
+        kurtosis - 2) / N^2`, `h_eye = s_y^2 / N`. Noiseless, `s_w = 1`, Gaussian: `Sigma H = M` of
+        docs/science.md section 10."""
+        sigma = np.asarray(sigma_dxd, np.float64)
+        n, clean = n_context, n_context - distractors
+        e_yy = w_std**2 * float(np.trace(sigma)) + noise_std**2
+        h_sigma = w_std**2 * clean * (clean + kurtosis - 2) / n**2
+        h = h_sigma * sigma + e_yy / n * np.eye(sigma.shape[0])
+        return cls(sigma, e_yy, clean / n * w_std**2, h)
+
+    def loss(self, gamma_dxd: np.ndarray) -> float:
+        """Expected loss of `Gamma`: `0.5 [E[y_q^2] - 2 c tr(Gamma Sigma^2) + tr(Sigma Gamma Sigma H Gamma^T)]`."""
+        s, g = self.sigma, np.asarray(gamma_dxd, np.float64)
+        return float(0.5 * (self.e_yy - 2 * self.c * np.trace(g @ s @ s) + np.trace(s @ g @ s @ self.h @ g.T)))
+
+    def best(self) -> PrecondGD:
+        """`Gamma* = c H^-1` (the loss's gradient `2 Sigma (Gamma Sigma H - c Sigma)` vanishes, `H` and
+        `Sigma` commuting), loss `0.5 (E[y_q^2] - c tr(Sigma Gamma* Sigma))`."""
+        gamma = self.c * np.linalg.inv(self.h)
+        gamma = 0.5 * (gamma + gamma.T)
+        return PrecondGD(
+            loss=float(0.5 * (self.e_yy - self.c * np.trace(self.sigma @ gamma @ self.sigma))), gamma=gamma
+        )
+
+    def best_scalar(self) -> GDReference:
+        """`Gamma = eta I`: `eta* = c tr(Sigma^2) / tr(Sigma^2 H)`, loss
+        `0.5 (E[y_q^2] - c^2 tr(Sigma^2)^2 / tr(Sigma^2 H))` (plain GD, docs/science.md section 10)."""
+        s2 = self.sigma @ self.sigma
+        gain, curvature = self.c * np.trace(s2), np.trace(s2 @ self.h)
+        return GDReference(eta=float(gain / curvature), loss=float(0.5 * (self.e_yy - gain**2 / curvature)))
+
+
+def precond_gd_closed_form(sigma_dxd: np.ndarray, n_context: int, **law) -> PrecondGD:
+    """`Gamma* = ((1 + 1/N) Sigma + tr(Sigma)/N I)^-1` and its loss `0.5 (tr(Sigma) - tr(Sigma Gamma*
+    Sigma))` for Gaussian inputs `N(0, Sigma)`, `w ~ N(0, I)`, noiseless (docs/science.md section
+    10); `law` (`PrecondStep.of`'s keywords: `kurtosis`, `w_std`, `noise_std`, `distractors`)
+    generalises it exactly. No case returns None."""
+    return PrecondStep.of(sigma_dxd, n_context, **law).best()
+
+
+def precond_step(task: LinearRegression) -> PrecondStep:
+    """The preconditioned step's moments for a linear task's input law, prior, noise and distractors."""
+    return PrecondStep.of(
+        task.covariance,
+        task.n_context,
+        kurtosis=task.kurtosis,
+        w_std=task.w_std,
+        noise_std=task.noise_std,
+        distractors=task.distractors,
+    )
+
+
+def precond_gd_direct(x_Nxd: jax.Array, y_N: jax.Array, xq_d: jax.Array, gammas_Kxdxd: jax.Array) -> jax.Array:
+    """Predictions `W_k x_q` after each of K preconditioned GD steps `W <- W - Gamma_k (A W - b)`
+    from `W_0 = 0`, `A = X^T X / N`, `b = X^T y / N`; the first is `x_q^T Gamma_1 b`."""
+    n = x_Nxd.shape[0]
+    a, b = x_Nxd.T @ x_Nxd / n, x_Nxd.T @ y_N / n
+
+    def step(w_d, gamma):
+        w_d = w_d - gamma @ (a @ w_d - b)
+        return w_d, w_d @ xq_d
+
+    return jax.lax.scan(step, jnp.zeros_like(b), gammas_Kxdxd)[1]
 
 
 def gd_loss(etas_K: jax.Array, t: Tasks) -> jax.Array:
@@ -282,14 +383,18 @@ REGRESSION_KINDS = ("linear", "sine")
 SINE_ETA_MAX = 10.0  # line-search range for task kinds without a closed form
 
 
-CLOSED_FORMS: dict[str, Callable[..., GDReference | None]] = {
-    "linear": lambda t: closed_form_gd(t.dim, t.n_context, t.x_dist, t.x_scale, t.w_std, t.noise_std, t.distractors),
-    "sine": lambda t: None,
-}
+def _closed_form_linear(t: LinearRegression) -> GDReference:
+    """Section 6's formula for i.i.d. coordinates; section 10's best scalar for non-isotropic inputs."""
+    if t.x_cov is None:
+        return closed_form_gd(t.dim, t.n_context, t.x_dist, t.x_scale, t.w_std, t.noise_std, t.distractors)
+    return precond_step(t).best_scalar()
+
+
+CLOSED_FORMS: dict[str, Callable[..., GDReference | None]] = {"linear": _closed_form_linear, "sine": lambda t: None}
 
 
 def closed_form(task: Regression) -> GDReference | None:
-    """One GD step's best eta and expected loss (docs/science.md section 6), where the task kind has one."""
+    """One GD step's best eta and expected loss (docs/science.md sections 6 and 10), where the task kind has one."""
     return CLOSED_FORMS[task.name](task)
 
 
@@ -391,9 +496,35 @@ register(
     ),
     REGRESSION_KINDS,
 )
-ANALYTIC.update(
-    {
-        kind: lambda task: {"gd_closed_form": None if (c := closed_form(task)) is None else c._asdict()}
-        for kind in REGRESSION_KINDS
-    }
+
+
+def _fit_precond_gd(ctx) -> jax.Array:
+    """`Gamma*` of the task's law (docs/science.md section 10), the same at each of the model's steps."""
+    gamma = jnp.asarray(precond_step(ctx.task).best().gamma, jnp.float32)
+    return jnp.broadcast_to(gamma, (ctx.steps, *gamma.shape))
+
+
+register(
+    Reference(
+        "precond_gd",
+        "preconditioned GD",
+        _fit_precond_gd,
+        _regression(lambda gammas, x, y, q: precond_gd_direct(x, y, q, gammas)),
+        describe=lambda g: {"gamma": np.asarray(g[0], np.float64).tolist(), "steps": int(g.shape[0])},
+        stepwise=True,
+    ),
+    ("linear",),
 )
+
+
+def _analytic(task: Regression) -> dict:
+    """`gd_closed_form` (`{eta, loss}`, None without one) and, for non-isotropic linear tasks,
+    `precond_gd_closed_form` (`{loss, gamma}`, `gamma` as nested lists)."""
+    out = {"gd_closed_form": None if (c := closed_form(task)) is None else c._asdict()}
+    if isinstance(task, LinearRegression) and task.x_cov is not None:
+        best = precond_step(task).best()
+        out["precond_gd_closed_form"] = {"loss": float(best.loss), "gamma": best.gamma.tolist()}
+    return out
+
+
+ANALYTIC.update(dict.fromkeys(REGRESSION_KINDS, _analytic))
