@@ -403,7 +403,8 @@ def validate(cfg: DictConfig) -> None:
     _require(m.heads >= 1, "model.heads", "an integer >= 1", m.heads)
     _require(m.key_size is None or m.key_size >= 1, "model.key_size", "null or an integer >= 1", m.key_size)
     pdim = m.positional_dim
-    _require(pdim is None or (pdim >= 2 and pdim % 2 == 0), "model.positional_dim", "null or an even integer >= 2", pdim)
+    even = pdim is None or (pdim >= 2 and pdim % 2 == 0)
+    _require(even, "model.positional_dim", "null or an even integer >= 2", pdim)
     _require(m.embed_dim is None or m.embed_dim >= 1, "model.embed_dim", "null or an integer >= 1", m.embed_dim)
     if m.first_layer is not None:
         _require(m.layers >= 2, "model.layers", "an integer >= 2 with model.first_layer set", m.layers)

@@ -198,9 +198,10 @@ def best_steps(r2_SxKxJ: np.ndarray) -> np.ndarray:
 def report(raw: dict, thetas: dict[str, jax.Array]) -> dict:
     """`match`'s results, JSON-ready: per algorithm its parameters and loss per `j`, R^2 and model
     cos per layer (a `metrics.mean_ci95` entry each, lists over `j`), and per layer the best `j` by
-    R^2 with the R^2 and model cos there (each seed's best, mean and 95% interval across seeds, and
-    `j_of_mean`, the best `j` of the seed-mean R^2); per layer the algorithm whose best mean R^2 is
-    highest, and a one-line `finding`."""
+    R^2 with the R^2 and model cos there (each seed's best, mean and 95% interval across seeds,
+    `j_of_mean`, the best `j` of the seed-mean R^2, and `at_edge`: it is the largest `j` tried, more
+    steps may match better); per layer the algorithm whose best mean R^2 is highest, and a one-line
+    `finding`."""
     model_loss = np.asarray(raw["model_loss"])
     n_layers = model_loss.shape[1]
     algorithms = {}
@@ -223,6 +224,7 @@ def report(raw: dict, thetas: dict[str, jax.Array]) -> dict:
                     "layer": k + 1,
                     "j": metrics.mean_ci95(best[:, k]),
                     "j_of_mean": int(np.argmax(r2[:, k].mean(0))) + 1,
+                    "at_edge": bool(np.argmax(r2[:, k].mean(0)) == r2.shape[-1] - 1),
                     "r2": metrics.mean_ci95(at_best(r2, k)),
                     "model_cos": metrics.mean_ci95(at_best(cos, k)),
                 }
@@ -241,11 +243,12 @@ def report(raw: dict, thetas: dict[str, jax.Array]) -> dict:
                 "j": b["j_of_mean"],
                 "r2": b["r2"]["mean"],
                 "model_cos": b["model_cos"]["mean"],
+                "at_edge": b["at_edge"],
             }
         )
     finding = "; ".join(
-        f"layer {m['layer']}: {algorithms[m['algorithm']]['label']} j={m['j']} "
-        f"(R^2 {m['r2']:.4f}, cos {m['model_cos']:.4f})"
+        f"layer {m['layer']}: {algorithms[m['algorithm']]['label']} j={m['j']}"
+        f"{' (its largest j)' if m['at_edge'] else ''} (R^2 {m['r2']:.4f}, cos {m['model_cos']:.4f})"
         for m in layers
     )
     return {"seeds": int(model_loss.shape[0]), "algorithms": algorithms, "layers": layers, "finding": finding}

@@ -605,14 +605,16 @@ def layer_match(report: dict, title: str, stem: Path) -> list[Path]:
         gridspec_kw={"width_ratios": widths},
         layout="constrained",
     )
+    r2_of = {name: np.array([entry["mean"] for entry in alg["r2"]], dtype=float) for name, alg in algorithms.items()}
+    shade_of = {name: np.log10(np.clip(1.0 - r2, 1e-4, 1.0)) for name, r2 in r2_of.items()}
+    low = min(-2.0, float(np.floor(min(shade.min() for shade in shade_of.values()))))  # one scale for all panels
     image = None
-    for ax, alg in zip(axes[0], algorithms.values(), strict=True):
-        r2 = np.array([entry["mean"] for entry in alg["r2"]], dtype=float)
-        shade = np.log10(np.clip(1.0 - r2, 1e-4, 1.0))
-        image = ax.imshow(shade, cmap="viridis", vmin=-4, vmax=0, aspect="auto")
+    for ax, (name, alg) in zip(axes[0], algorithms.items(), strict=True):
+        r2, shade = r2_of[name], shade_of[name]
+        image = ax.imshow(shade, cmap="viridis", vmin=low, vmax=0, aspect="auto")
         for (k, j), value in np.ndenumerate(r2):
-            text = "<0" if value < 0 else f"{value:.4f}" if value >= 0.99 else f"{value:.2f}"
-            ax.text(j, k, text, ha="center", va="center", fontsize=6.5, color="w" if shade[k, j] < -2 else "k")
+            text = "<0" if value < 0 else f"{value:.4f}" if value >= 0.99 else f"{value:.3f}"
+            ax.text(j, k, text, ha="center", va="center", fontsize=6.5, color="w" if shade[k, j] < low / 2 else "k")
         labels = []
         for k, best in enumerate(alg["best"]):
             j = best["j_of_mean"] - 1
@@ -621,7 +623,8 @@ def layer_match(report: dict, title: str, stem: Path) -> list[Path]:
             labels.append(f"layer {k + 1}: j={j + 1}\nR^2 {r2[k, j]:.4f}, cos {cos:.4f}")
         ax.set_yticks(np.arange(n_layers), labels, fontsize=7)
         ax.set_xticks(np.arange(alg["steps"]), [str(j) for j in range(1, alg["steps"] + 1)], fontsize=7)
-        ax.set_xlabel("j steps" + (" (2^j Neumann terms)" if alg["label"] == "Newton-Schulz" else ""), fontsize=8)
+        neumann = " (2^j Neumann terms: GD with 2^j steps)" if name == "newton_schulz" else ""
+        ax.set_xlabel(f"j steps{neumann}", fontsize=8)
         ax.set_title(alg["label"], fontsize=9)
     assert image is not None
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label="log10(1 - R^2), seed mean")

@@ -50,7 +50,8 @@ def tiny_overrides(name: str) -> list[str]:
     mlpgd = ["eval.mlpgd_steps=5", "eval.mlpgd_batch=32"] if cfg.eval.mlpgd_steps else []  # sine_paper's comparator
     cov = cfg.task.get("x_cov")
     narrow = [f"task.x_cov=[{cov[0]},{cov[len(cov) // 2]},{cov[-1]}]"] if cov is not None else []  # TINY's 3 dims
-    return [o for o in TINY if not (cfg.task.kind == "sine" and o.startswith("task.dim="))] + mlpgd + narrow  # sine: 1-d
+    one_d = cfg.task.kind == "sine"  # sine: 1-d inputs
+    return [o for o in TINY if not (one_d and o.startswith("task.dim="))] + mlpgd + narrow
 
 
 @pytest.mark.parametrize("name", config.group_options("experiment"))
