@@ -53,18 +53,6 @@ def _normal_equations(x_Nxd: jax.Array, y_N: jax.Array) -> tuple[jax.Array, jax.
     return x_Nxd.T @ x_Nxd / n, x_Nxd.T @ y_N / n
 
 
-def precond_gd(x_Nxd, y_N, xq_d, p_Kxdxd) -> jax.Array:
-    """K preconditioned GD steps `w <- w - P_k (A w - b)` from `w = 0`; readout after each step."""
-    a, b = _normal_equations(x_Nxd, y_N)
-
-    def step(w, p):
-        w = w - p @ (a @ w - b)
-        return w, w @ xq_d
-
-    _, preds = jax.lax.scan(step, jnp.zeros_like(b), p_Kxdxd)
-    return preds
-
-
 def richardson(x_Nxd, y_N, xq_d, alpha, lam, steps: int) -> jax.Array:
     """Richardson iteration on the ridge normal equations `(A + lam I) w = b` from `w = 0`, which
     is the truncated Neumann series of `alpha (I - alpha (A + lam I))^j b`; `lam = 0` is plain GD."""
@@ -197,25 +185,29 @@ FAMILIES = {
     ),
     "precond_diag": (
         lambda k, d: d,
-        lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, jnp.broadcast_to(jnp.diag(th), (k, d, d))),
+        lambda th, x, y, q, sp, k, d, lam: references.precond_gd_direct(
+            x, y, q, jnp.broadcast_to(jnp.diag(th), (k, d, d))
+        ),
         lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.ones(d),
         "GD with a diagonal preconditioner shared by the steps",
     ),
     "precond_diag_per_step": (
         lambda k, d: d * k,
-        lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, jax.vmap(jnp.diag)(th.reshape(k, d))),
+        lambda th, x, y, q, sp, k, d, lam: references.precond_gd_direct(x, y, q, jax.vmap(jnp.diag)(th.reshape(k, d))),
         lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.ones(d * k),
         "GD with a diagonal preconditioner per step",
     ),
     "precond_full": (
         lambda k, d: d * d,
-        lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, jnp.broadcast_to(th.reshape(d, d), (k, d, d))),
+        lambda th, x, y, q, sp, k, d, lam: references.precond_gd_direct(
+            x, y, q, jnp.broadcast_to(th.reshape(d, d), (k, d, d))
+        ),
         lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.eye(d).ravel(),
         "GD with a full preconditioner shared by the steps",
     ),
     "precond_full_per_step": (
         lambda k, d: d * d * k,
-        lambda th, x, y, q, sp, k, d, lam: precond_gd(x, y, q, th.reshape(k, d, d)),
+        lambda th, x, y, q, sp, k, d, lam: references.precond_gd_direct(x, y, q, th.reshape(k, d, d)),
         lambda k, d, e, n: _STEP_SIZES(e)[:, None] * jnp.tile(jnp.eye(d).ravel(), k),
         "GD with a full preconditioner per step",
     ),

@@ -415,7 +415,7 @@ def explain_ranking(report: dict, stem: Path) -> list[Path]:
     right.set_xlabel("1 - R^2 of the model's predictions (mean over seeds)")
     right.legend(fontsize=7)
     right.grid(alpha=0.3, axis="x")
-    fig.suptitle(report["verdict"], fontsize=9)
+    fig.suptitle(textwrap.fill(report["verdict"], 160), fontsize=9)
     return save(fig, stem)
 
 

@@ -43,7 +43,7 @@ def _explain(model_fn, params):
 
 def test_gd_with_perturbations_is_within_the_seed_floor_and_wins():
     def model(p_dxd, x, y, xq):  # one preconditioned GD step: GD when P = eta I
-        return explain.precond_gd(x, y, xq, p_dxd[None])
+        return references.precond_gd_direct(x, y, xq, p_dxd[None])
 
     report = _explain(model, _perturbed(6.0 * jnp.eye(DIM), 0.01, 0))
     floor = report["floor"]
@@ -133,7 +133,7 @@ def test_preconditioned_step_on_non_isotropic_inputs_is_precond_full_near_gamma_
     gamma = references.regression.precond_step(task).best().gamma
 
     def model(p_dxd, x, y, xq):
-        return explain.precond_gd(x, y, xq, p_dxd[None])
+        return references.precond_gd_direct(x, y, xq, p_dxd[None])
 
     params = _perturbed(jnp.asarray(gamma, jnp.float32), 0.01, 2)
     floor = explain.FloorModels(params, _pairs(SEEDS))
