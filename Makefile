@@ -7,9 +7,9 @@ ICL := $(BIN)/icl-gd
 ARGS ?=
 
 EXPERIMENTS := single_layer recurrent multi_layer depth_extrapolation softmax layernorm_mlp \
-	ood distractors label_noise sine sine_paper classic_tokens_small preconditioned
+	ood distractors label_noise sine sine_paper classic_tokens_small
 ## Beyond linearity as the paper ran it, five seeds each (README, "Beyond linearity").
-NONLINEAR := softmax softmax_2heads layernorm layernorm_2layers classic_tokens
+NONLINEAR := softmax softmax_2heads layernorm layernorm_2layers classic_tokens preconditioned
 STAMP_TIME := $(shell date +%Y-%m-%d_%H-%M-%S)
 
 ## The follow-up paper's sequence models (docs/science.md section 8; README, "Mesa-optimization").
@@ -59,7 +59,7 @@ multi_layer depth_extrapolation layernorm_mlp: $(STAMP)
 	$(ICL) train experiment=$@ $(ARGS)
 
 ## Task variants, five seeds each (docs/experiments_tasks.md).
-ood distractors label_noise sine sine_paper classic_tokens_small preconditioned: $(STAMP)
+ood distractors label_noise sine sine_paper classic_tokens_small: $(STAMP)
 	$(ICL) train experiment=$@ train.seeds=5 $(ARGS)
 
 softmax softmax_2heads layernorm layernorm_2layers: $(STAMP)
@@ -68,6 +68,11 @@ softmax softmax_2heads layernorm layernorm_2layers: $(STAMP)
 ## The paper's classic-token run: 40,000 steps, five seeds (convergence depends on the seed).
 classic_tokens: $(STAMP)
 	$(ICL) train experiment=classic_tokens train.seeds=5 train.steps=40000 $(ARGS)
+
+## Non-isotropic inputs, five seeds, then which algorithm the layer runs (docs/explain.md).
+preconditioned: $(STAMP)
+	$(ICL) train experiment=preconditioned train.seeds=5 --out runs/preconditioned/$(STAMP_TIME) $(ARGS)
+	$(ICL) explain runs/preconditioned/$(STAMP_TIME) --seed-all
 
 ## Why one softmax head stalls: initial scale x learning rate, two seeds each, then compare.
 softmax_sweep: $(STAMP)
