@@ -122,11 +122,13 @@ INPUT_LAWS = ("uniform", "gaussian", "laplace", "exponential")
 
 
 def ood_shifts(task) -> list[tuple[str, float | str, dict]]:
-    """`(family, value, changes)` for each shift of a linear task: inputs scaled by a factor,
-    weights scaled by a factor, and inputs from each law at the training inputs' variance."""
+    """`(family, value, changes)` for each shift of a linear task: inputs scaled by a factor
+    (`task.scaled`: the covariance of non-isotropic inputs), weights scaled by a factor, and inputs
+    from each law at the training inputs' variance (non-isotropic inputs keep their covariance)."""
     var = tasks.input_law(task.x_dist, task.x_scale).var
+    field = "x_scale" if task.x_cov is None else "x_cov"
     return [
-        *[("input_scale", c, {"x_scale": c * task.x_scale}) for c in INPUT_SCALES],
+        *[("input_scale", c, {field: getattr(task.scaled(c), field)}) for c in INPUT_SCALES],
         *[("weight_scale", c, {"w_std": c * task.w_std}) for c in WEIGHT_SCALES],
         *[
             ("input_law", law, {"x_dist": law, "x_scale": math.sqrt(var / tasks.input_law(law, 1.0).var)})

@@ -70,6 +70,13 @@ def test_ood_shifts_keep_the_training_variance_for_every_law():
     assert min(analyses.WEIGHT_SCALES) == 0.5 and max(analyses.WEIGHT_SCALES) == 5.0
 
 
+def test_ood_input_scales_scale_the_covariance_of_non_isotropic_inputs():
+    task = tasks.from_config(config.load_config(["task.dim=3", "task.x_cov=[0.5,1,2]", "task.x_rotation=1"]).task)
+    for family, c, changes in analyses.ood_shifts(task):
+        if family == "input_scale":
+            np.testing.assert_allclose(task.shifted(**changes).covariance, c**2 * task.covariance, rtol=1e-6)
+
+
 def test_ood_table_files_and_consistency_with_the_run(ood_run):
     summary = runs.load_summary(ood_run.run_dir)
     assert summary["status"] == "completed"
