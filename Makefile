@@ -15,8 +15,8 @@ STAMP_TIME := $(shell date +%Y-%m-%d_%H-%M-%S)
 ## The follow-up paper's sequence models (docs/science.md section 8; README, "Mesa-optimization").
 LDS := lds_softmax lds_mesa lds_probes lds_fewshot lds_softmax_partial lds_mesa_partial
 
-.PHONY: venv run test lint bench baselines explain clean-venv $(EXPERIMENTS) $(NONLINEAR) $(LDS) lds_linear lds_compare \
-	softmax_sweep
+.PHONY: venv cuda run test lint bench baselines explain clean-venv $(EXPERIMENTS) $(NONLINEAR) $(LDS) lds_linear lds_compare \
+	softmax_sweep paper
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## The default experiment: Figure 2, one LSA layer against one GD step (about 40 s on 2 CPU cores).
+## The GPU build of JAX (CUDA 12 wheels from the package index) in the same .venv, created if missing;
+## every target then runs on the GPU (`summary.json` names the devices a run used).
+cuda: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,cuda]'
+
+## The default experiment: Figure 2, one LSA layer against one GD step (about 25 s on 2 CPU cores).
 run: $(STAMP)
 	$(ICL) train experiment=single_layer $(ARGS)
 
@@ -40,8 +45,14 @@ lint: $(STAMP)
 	$(BIN)/basedpyright icl_gd
 	$(BIN)/lint-imports --no-cache --no-logo
 
+## Benchmarks (README, Performance): `make bench ARGS="--only seeds,layers"` picks sections.
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_train.py $(ARGS)
+
+## The whole study: every named experiment at the papers' sizes, explain, one compare, one report.
+## Resumable: run it again after an interruption; finished runs are not run again (runs/paper/).
+paper: $(STAMP)
+	$(BIN)/python scripts/paper.py $(ARGS)
 
 baselines: $(STAMP)
 	$(ICL) baselines $(ARGS)
@@ -53,7 +64,7 @@ single_layer: $(STAMP)
 
 recurrent: $(STAMP)
 	$(ICL) train -m experiment=recurrent model.layers=2,3,4,5 --out runs/recurrent/$(STAMP_TIME) $(ARGS)
-	$(ICL) compare runs/recurrent/$(STAMP_TIME)/[0-9]* --out runs/recurrent/$(STAMP_TIME)/compare
+	$(ICL) compare runs/recurrent/$(STAMP_TIME) --out runs/recurrent/$(STAMP_TIME)/compare
 
 multi_layer depth_extrapolation layernorm_mlp: $(STAMP)
 	$(ICL) train experiment=$@ $(ARGS)
@@ -77,12 +88,12 @@ preconditioned: $(STAMP)
 ## Why one softmax head stalls: initial scale x learning rate, two seeds each, then compare.
 softmax_sweep: $(STAMP)
 	$(ICL) train -m experiment=softmax model.init_scale=0.002,0.02,0.2 train.lr=1e-3,3e-3 train.seeds=2 --out runs/softmax_sweep/$(STAMP_TIME) $(ARGS)
-	$(ICL) compare runs/softmax_sweep/$(STAMP_TIME)/[0-9]* --out runs/softmax_sweep/$(STAMP_TIME)/compare
+	$(ICL) compare runs/softmax_sweep/$(STAMP_TIME) --out runs/softmax_sweep/$(STAMP_TIME)/compare
 
 ## Constructed tokens, one sweep over depth, then every run against the references by position.
 lds_linear: $(STAMP)
 	$(ICL) train -m experiment=lds_linear model.layers=1,2,4,6 --out runs/lds_linear/$(STAMP_TIME) $(ARGS)
-	$(ICL) compare runs/lds_linear/$(STAMP_TIME)/[0-9]* --out runs/lds_linear/$(STAMP_TIME)/compare
+	$(ICL) compare runs/lds_linear/$(STAMP_TIME) --out runs/lds_linear/$(STAMP_TIME)/compare
 
 $(LDS): $(STAMP)
 	$(ICL) train experiment=$@ $(ARGS)
@@ -90,7 +101,7 @@ $(LDS): $(STAMP)
 ## The mesa-layer against linear and softmax layers of the same depth (after the same softmax first layer).
 lds_compare: $(STAMP)
 	$(ICL) train -m experiment=lds_mesa model.attention=linear,softmax,mesa --out runs/lds_compare/$(STAMP_TIME) $(ARGS)
-	$(ICL) compare runs/lds_compare/$(STAMP_TIME)/[0-9]* --out runs/lds_compare/$(STAMP_TIME)/compare
+	$(ICL) compare runs/lds_compare/$(STAMP_TIME) --out runs/lds_compare/$(STAMP_TIME)/compare
 
 ## Issue 5, docs/explain.md: which algorithm does each trained model run? Trains each experiment once
 ## into runs/explain/<name> (when that folder is missing), explains every seed once (when

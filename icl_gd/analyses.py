@@ -29,7 +29,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from icl_gd import explain as explain_lib
-from icl_gd import fewshot, metrics, mlpgd, models, plots, probing, references, runs, tasks
+from icl_gd import fewshot, metrics, mlpgd, models, plots, probing, references, runs, tasks, training
 from icl_gd import layer_match as layer_match_lib
 from icl_gd.config import ConfigError
 
@@ -75,7 +75,8 @@ def output_dir(run_dir: Path, name: str) -> Path:
 
 def run(name: str, trained: runs.Trained) -> dict:
     """Run analysis `name` on a trained run and record its result in the run's summary."""
-    result = REGISTRY[name].run(trained)
+    with training.prng(trained.cfg):
+        result = REGISTRY[name].run(trained)
     trained.summary.setdefault("analyses", {})[name] = result
     runs.write_json(Path(trained.run_dir) / runs.SUMMARY_FILE, trained.summary)
     return result
@@ -522,6 +523,19 @@ def explain_run(
     n_tasks: int = 2048,
     iters: int = 50,
     out: Path | None = None,
+) -> tuple[dict, Path]:
+    """`_explain_run` with the run's random number generator."""
+    with training.prng(trained.cfg):
+        return _explain_run(trained, seeds=seeds, n_tasks=n_tasks, iters=iters, out=out)
+
+
+def _explain_run(
+    trained: runs.Trained,
+    *,
+    seeds: Sequence[int] | None,
+    n_tasks: int,
+    iters: int,
+    out: Path | None,
 ) -> tuple[dict, Path]:
     """Run `icl_gd.explain` on the trained model of the given seeds (all by default) and write
     `explain.json`, the ranking figure, the weight heatmaps (first seed) and, for deep models,

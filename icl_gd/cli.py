@@ -1,14 +1,14 @@
 """`icl-gd`: train models, evaluate baselines, explain and compare runs from the command line.
 
 Overrides are Hydra's (`experiment=single_layer train.seeds=5 task.dim=5`); `--multirun`
-sweeps comma-separated values with Hydra's launchers (`hydra/launcher=joblib` locally,
-`hydra/launcher=submitit_slurm` on a cluster).
+sweeps comma-separated values with the launcher chosen by `launcher=local|joblib|submitit_local|slurm`
+(icl_gd.sweeps); `compare` reads run and sweep directories (icl_gd.comparison).
 """
 
 from __future__ import annotations
 
 import logging
-import sys
+import os
 from pathlib import Path
 from typing import NoReturn, cast
 
@@ -21,6 +21,32 @@ from icl_gd import config as config_lib
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # no "no TPU" notice on every run
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=cast(str, __doc__).splitlines()[0])
+# JAX's persistent compilation cache: a second run of the same shapes loads its programs instead of
+# compiling them (README, Performance). `ICL_GD_COMPILE_CACHE=off` turns it off.
+COMPILE_CACHE_ENV = "ICL_GD_COMPILE_CACHE"
+
+
+def compile_cache_dir() -> Path | None:
+    """`$ICL_GD_COMPILE_CACHE`, else `$XDG_CACHE_HOME/icl-gd/jax` (`~/.cache/icl-gd/jax`); None when off."""
+    chosen = os.environ.get(COMPILE_CACHE_ENV)
+    if chosen is not None:
+        return None if chosen.lower() in ("", "off", "0", "false") else Path(chosen).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "icl-gd" / "jax"
+
+
+@app.callback()
+def _startup() -> None:
+    """Before any command: the persistent compilation cache, in a user cache folder."""
+    folder = compile_cache_dir()
+    if folder is None:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 console = Console()
 OVERRIDES = typer.Argument(None, help="Hydra overrides, e.g. experiment=single_layer train.seeds=5")
 
@@ -77,16 +103,21 @@ def train(
         None, "--out", help="Run directory (must not exist). Default runs/<experiment>/<timestamp>."
     ),
     multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep comma-separated override values with Hydra."),
-    resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run directory to train.steps."),
+    resume: Path | None = typer.Option(
+        None, "--resume", help="Continue an interrupted run to train.steps, or a sweep (its points not completed)."
+    ),
 ):
     """Train a model and write its run directory (config, metrics, plots, checkpoints, summary).
-    SIGINT / SIGTERM save the run and mark it `interrupted`; `--resume RUN_DIR` continues it."""
-    from icl_gd import experiment, runs
+    SIGINT / SIGTERM save the run and mark it `interrupted`; `--resume RUN_DIR` continues it, and
+    `--resume SWEEP_DIR` a sweep (completed points are not re-run)."""
+    from icl_gd import experiment, runs, sweeps
 
     overrides = list(overrides or [])
     if resume is not None:
         if overrides or out is not None or multirun:
             _fail("--resume: takes the run directory alone; allowed: no overrides, --out or --multirun with it")
+        if (resume / sweeps.SWEEP_FILE).is_file():
+            return _multirun([], resume, relaunch=True)
         return _run_job(lambda: experiment.resume(resume))
     if multirun:
         return _multirun(overrides, out)
@@ -116,42 +147,67 @@ def _run_job(job) -> None:
     print_summary(trained.summary, trained.run_dir)
 
 
-def _multirun(overrides: list[str], out: Path | None) -> None:
-    """Validate every job of the sweep first, then hand the sweep to Hydra's launcher."""
-    from icl_gd import runs
+def _multirun(overrides: list[str], out: Path | None, relaunch: bool = False) -> None:
+    """Check the launcher and every point before anything is written, write `sweep.json`, then hand
+    the sweep to Hydra's launcher; `relaunch`: continue the sweep in `out` with its own overrides."""
+    from icl_gd import runs, sweeps
 
     try:
-        jobs = config_lib.expand_sweep(overrides)
-    except config_lib.ConfigError as err:
+        index = sweeps.load_index(out) if relaunch and out is not None else None
+        overrides = index["overrides"] if index is not None else overrides
+        plan = sweeps.plan(overrides)
+        jobs = config_lib.expand_sweep(plan.job_overrides)
+        cfgs = [_load(job) for job in jobs]
+        sweep_dir = out if out is not None else runs.default_run_dir(cfgs[0].name)
+        if index is None:
+            runs.check_new(sweep_dir)
+            index = sweeps.new_index(overrides, plan, jobs, cfgs)
+            sweep_dir.mkdir(parents=True)
+        else:
+            sweeps.relaunch(index, jobs)
+    except (config_lib.ConfigError, sweeps.SweepError, runs.RunDirExists) as err:
         _fail(str(err))
-    for job in jobs:
-        _load(job)
-    if out is not None:
-        try:
-            runs.check_new(out)
-        except runs.RunDirExists as err:
-            _fail(str(err))
-        overrides = [*overrides, f"hydra.sweep.dir={out}"]
-    console.print(f"launching {len(jobs)} job(s)")
-    import hydra
-
-    job = hydra.main(config_path=str(config_lib.CONF_DIR), config_name="config", version_base="1.3")(_hydra_entry)
-    argv = sys.argv
-    sys.argv = [argv[0], "--multirun", *overrides]
+    sweeps.write_index(sweep_dir, index)
+    console.print(f"launching {len(jobs)} job(s) with launcher={plan.launcher} into {sweep_dir}")
     try:
-        job()
+        sweeps.launch(plan, sweep_dir, _hydra_entry)
+    except KeyboardInterrupt as err:  # sweeps.SweepInterrupted from a point, or a second Ctrl-C
+        stopped = str(err) or "SIGINT stopped the sweep"
+        wait = "its SLURM jobs go on (squeue --me); once they have ended, " if plan.launcher == "slurm" else ""
+        _fail(
+            f"{stopped}; {wait}continue it with `icl-gd train --resume {sweep_dir}`",
+            code=getattr(err, "exit_code", 130),
+        )
     finally:
-        sys.argv = argv
+        sweeps.write_index(sweep_dir, index)
+    table = Table(title=f"sweep {sweep_dir} ({sweeps.SWEEP_FILE})")
+    for column in ("point", *index["swept"], "status"):
+        table.add_column(column)
+    for point in index["points"]:
+        table.add_row(point["dir"], *[_fmt(v) for v in point["params"].values()], point["status"])
+    console.print(table)
+    console.print(f"compare the points with `icl-gd compare {sweep_dir}`")
 
 
 def _hydra_entry(cfg) -> None:
+    """One point of a sweep, in the launcher's process: trained, resumed (a requeued or relaunched
+    job) or, completed before, left as it is; a diverged point is marked failed and the sweep goes on."""
     from hydra.core.hydra_config import HydraConfig
 
-    from icl_gd import analyses, experiment
+    from icl_gd import experiment, sweeps
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    trained = experiment.train(cfg, run_dir, allow_empty_dir=True)
-    analyses.run_all(trained)
+    try:
+        with sweeps.requeue_on_preemption():
+            trained = sweeps.run_point(cfg, run_dir)
+    except experiment.TrainingDiverged as err:
+        console.print(f"error: {err}")
+        return
+    if trained is None:
+        status = sweeps.point_status(run_dir)
+        stopped = sweeps.stopping(run_dir.parent) and status in (sweeps.PENDING, "interrupted")
+        console.print(f"{run_dir}: {status}" + (" (the sweep is stopping)" if stopped else " before; not re-run"))
+        return
     print_summary(trained.summary, trained.run_dir)
 
 
@@ -207,72 +263,60 @@ def baselines(
 
 @app.command()
 def compare(
-    run_dirs: list[Path] = typer.Argument(..., help="Run directories written by `icl-gd train`."),
+    paths: list[Path] = typer.Argument(..., help="Run directories and sweep directories (with sweep.json), mixed."),
     out: Path | None = typer.Option(
-        None, "--out", help="Where the figure and table go (must not exist). Default runs/compare/<timestamp>."
+        None, "--out", help="Where the figures and tables go (must not exist). Default runs/compare/<timestamp>."
+    ),
+    x: list[str] | None = typer.Option(
+        None, "--x", help="Parameter on the x axis of the final-metric figures (repeatable). Default: each that varies."
+    ),
+    metric: list[str] | None = typer.Option(
+        None, "--metric", help="Final metric of those figures (repeatable). Default: loss and model_cos."
     ),
 ):
-    """Overlay the curves of several runs and tabulate their final metrics (and their `explain`
-    results side by side, for runs that have RUN_DIR/explain/explain.json)."""
+    """Group runs by the parameters that differ (from sweep.json, or from their configs); tabulate
+    each group's final metrics (mean and 95% interval over the seeds of all its runs); plot final
+    metrics against each parameter with the references at each point; overlay the curves; put the
+    `explain` results side by side for runs that have RUN_DIR/explain/explain.json. Index: compare.json."""
     import json
 
-    import pandas as pd
+    from icl_gd import analyses, comparison, runs, sweeps
 
-    from icl_gd import analyses, plots, runs
-
-    for run_dir in run_dirs:
-        if not (run_dir / runs.METRICS_FILE).exists() or not (run_dir / runs.SUMMARY_FILE).exists():
-            _fail(f"RUN_DIR: {run_dir} is not a run directory (no {runs.METRICS_FILE} / {runs.SUMMARY_FILE})")
     out = out if out is not None else runs.default_run_dir("compare")
     try:
+        inputs = comparison.load(paths)
+        params = comparison.parameters(inputs.runs)
+        xs, names = comparison.check_options(x, metric, inputs.runs, params)
         runs.check_new(out)
-    except runs.RunDirExists as err:
+    except (comparison.CompareError, sweeps.SweepError, runs.RunDirExists) as err:
         _fail(str(err))
-    frames, primaries, summaries, rows = {}, {}, {}, []
-    for i, run_dir in enumerate(run_dirs):
-        summary = runs.load_summary(run_dir)
-        layers = runs.load_config(run_dir).model.layers
-        task = f" task={summary['task']}" if "task" in summary else ""
-        label = f"{summary['experiment']}{task} K={layers} ({run_dir.name})"
-        label = label if label not in frames else f"{label} ({i})"
-        frames[label] = runs.load_metrics(run_dir)
-        summaries[label] = summary
-        primaries[label] = next(iter(summary.get("references", {"gd": None})))
-        row = {"run": label, "status": summary["status"], "seeds": summary["seeds"]}
-        finals = summary.get("final", {}).items()
-        row.update({name: stats["mean"] for name, stats in finals if not isinstance(stats["mean"], list)})
-        rows.append(row)
-    out.mkdir(parents=True)
-    table_df = pd.DataFrame(rows)
-    table_df.to_csv(out / "compare.csv", index=False)
-    paths = plots.compare(frames, primaries, out / "compare")
-    by_position = {label: s for label, s in summaries.items() if "loss_by_position" in s.get("final", {})}
-    if by_position:
-        paths += plots.compare_by_position(by_position, out / "compare_by_position")
-    table = Table(title="final metrics (mean over seeds)")
-    table.add_column("metric")
-    for label in table_df["run"]:
-        table.add_column(label, overflow="fold")
-    for column in table_df.columns.drop("run"):
-        table.add_row(str(column), *[_fmt(v) for v in table_df[column].tolist()])
-    console.print(table)
-    written = [out / "compare.csv", *paths]
-    explained = {
-        label: run_dir / analyses.EXPLAIN_DIR / analyses.EXPLAIN_FILE
-        for label, run_dir in zip(frames, run_dirs, strict=True)
-    }
+    result = comparison.write(inputs, out, xs, names)
+    for skipped in inputs.skipped:
+        console.print(f"left out: {skipped['path']} ({skipped['status']})")
+    refs = list(dict.fromkeys(name for g in result.groups for name in g.references()))
+    table = Table(title="final metrics by point: mean [95% interval] over the seeds of every run at the point")
+    for column in (*result.params, "runs", "seeds", "status", *names, *(f"{r} loss" for r in refs)):
+        table.add_column(column, overflow="fold")
+    for g, (_, row) in zip(result.groups, result.groups_df.iterrows(), strict=True):
+        table.add_row(
+            *[_fmt(g.point[k]) for k in result.params],
+            *[str(row[c]) for c in ("runs", "seeds", "status")],
+            *[_interval(s) if (s := g.final(n)) is not None else "-" for n in names],
+            *[_fmt(g.references().get(r)) for r in refs],
+        )
+    (console if console.is_terminal else Console(width=200)).print(table)
+    explained = {r.label: r.path / analyses.EXPLAIN_DIR / analyses.EXPLAIN_FILE for r in inputs.runs}
     reports = {label: json.loads(path.read_text()) for label, path in explained.items() if path.exists()}
     if reports:
         explain_df = explain_table(reports)
         explain_df.to_csv(out / "compare_explain.csv", index=False)
-        written.append(out / "compare_explain.csv")
         table = Table(title="explain: BIC above each run's winner (held-out R^2); first rows: the verdicts")
         for column in explain_df.columns:
             table.add_column(str(column))
         for _, row in explain_df.iterrows():
             table.add_row(*[str(v) for v in row.tolist()])
         (console if console.is_terminal else Console(width=200)).print(table)
-    console.print("written: " + ", ".join(str(p) for p in written))
+    console.print(f"written to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
 
 def explain_table(reports: dict[str, dict]):
@@ -426,3 +470,19 @@ def print_explain(report: dict) -> None:
             f"implied eta {row['implied_eta']:.4g}, gamma {row['implied_gamma']:.4g}"
         )
     out.print(f"[bold]{report['verdict']}[/bold]")
+
+
+@app.command()
+def report(
+    path: Path = typer.Argument(..., help="A run directory, a sweep directory or an `icl-gd compare` folder."),
+    out: Path | None = typer.Option(None, "--out", help="The HTML file (must not exist). Default PATH/report.html."),
+):
+    """Write one self-contained HTML page (figures embedded, tables, configuration, versions and
+    devices; no external resources) for a run, a sweep or a comparison, to open offline or mail."""
+    from icl_gd import report as report_lib
+
+    try:
+        written = report_lib.write(path, out)
+    except report_lib.ReportError as err:
+        _fail(str(err))
+    console.print(f"written: {written} ({written.stat().st_size / 1e6:.2f} MB)", soft_wrap=True)

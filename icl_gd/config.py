@@ -96,6 +96,26 @@ class Schedule(enum.Enum):
     warmup_cosine = enum.auto()
 
 
+class Logger(enum.Enum):
+    """Where each evaluation goes besides `metrics.csv` (always written): nowhere else, or
+    TensorBoard event files in the run directory; each is one entry of `icl_gd.loggers.REGISTRY`."""
+
+    csv = enum.auto()
+    tensorboard = enum.auto()
+
+
+class Prng(enum.Enum):
+    """JAX's random number generator for every draw of a run (data, initialisation, evaluation set,
+    reference fits). `rbg` (XLA's Philox bit generator behind `threefry` keys) draws the uniform
+    inputs of regression tasks 1.3-1.6x faster than `threefry` on CPU, `threefry` the Gaussian draws of
+    `task=lds` 1.1-1.4x faster than `rbg` (README, Performance): by default each task kind uses its
+    faster one; `unsafe_rbg` also derives keys with Philox."""
+
+    threefry2x32 = enum.auto()
+    rbg = enum.auto()
+    unsafe_rbg = enum.auto()
+
+
 class LdsVariant(enum.Enum):
     """Linear dynamical systems (docs/science.md section 8): a random orthogonal transition per
     sequence (`full`), observed through a random projection of a larger hidden state
@@ -214,9 +234,9 @@ class EvalConfig:
     n_tasks: int = 10_000
     seed: int = 1234
     line_search_tasks: int = 100_000
-    gdpp_steps: int = 1000  # GD++ fit (references.fit_gdpp): Adam steps, from every start at once
-    gdpp_batch: int = 512
-    gdpp_lr: float = 0.05  # relative: steps of any size move by the same factor
+    # GD++ fit (references.fit_gdpp): Levenberg-Marquardt iterations on `line_search_tasks` tasks of
+    # its own, from the best of several starts (0: GD++ is GD with gamma = 0).
+    gdpp_steps: int = 50
     extrapolate_to: int = 50  # depth_extrapolation: iterations of a trained recurrent layer
     damping: float = 1.0  # depth_extrapolation: each iteration's update is scaled by this
     sensitivity_tasks: int = 256  # sequence tasks: sequences of the eval set for model cos by position (at the end)
@@ -241,6 +261,8 @@ class Config:
     name: str = "single_layer"
     out: str | None = None
     analyses: list[str] = field(default_factory=list)  # run after training, see icl_gd.analyses
+    logger: Logger = Logger.csv  # live logs besides metrics.csv, see icl_gd.loggers
+    prng: Prng | None = None  # the generator of every draw of the run; null: the task kind's (`TaskKind.prng`)
     task: Any = MISSING  # one of TASK_SCHEMAS, chosen by the `task` group
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -434,8 +456,6 @@ def validate(cfg: DictConfig) -> None:
     _require(ev.n_tasks >= 2, "eval.n_tasks", "an integer >= 2", ev.n_tasks)
     _require(ev.line_search_tasks >= 2, "eval.line_search_tasks", "an integer >= 2", ev.line_search_tasks)
     _require(ev.gdpp_steps >= 0, "eval.gdpp_steps", "an integer >= 0", ev.gdpp_steps)
-    _require(ev.gdpp_batch >= 1, "eval.gdpp_batch", "an integer >= 1", ev.gdpp_batch)
-    _require(ev.gdpp_lr > 0, "eval.gdpp_lr", "a number > 0", ev.gdpp_lr)
     _require(ev.extrapolate_to >= 1, "eval.extrapolate_to", "an integer >= 1", ev.extrapolate_to)
     _require(0 < ev.damping <= 1, "eval.damping", "a number in (0, 1]", ev.damping)
     _require(ev.sensitivity_tasks >= 1, "eval.sensitivity_tasks", "an integer >= 1", ev.sensitivity_tasks)
@@ -476,11 +496,23 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
+# Fields of earlier versions that no longer mean anything: dropped from a run's config.yaml.
+RETIRED = {"eval": ("gdpp_batch", "gdpp_lr")}  # the Adam fit of GD++, now Levenberg-Marquardt
+# Fields added since whose default differs from what runs written before them did.
+EARLIER = {"prng": "threefry2x32"}
+
+
 def from_yaml(text: str) -> DictConfig:
     """A config written by `to_yaml` (a run's `config.yaml`) on the current schemas: fields added
-    since then take their defaults; raises ConfigError if it no longer fits them."""
+    since then take their defaults (or, in `EARLIER`, what the run did), retired ones are dropped;
+    raises ConfigError if it no longer fits them."""
     try:
         raw = cast(DictConfig, OmegaConf.create(text))  # a run's config.yaml: a mapping
+        for group, names in RETIRED.items():
+            for name in names:
+                raw.get(group, {}).pop(name, None)
+        for name, value in EARLIER.items():
+            raw.setdefault(name, value)
         kind = str(raw.get("task", {}).get("kind", "linear"))
         if kind not in TASK_SCHEMAS:
             raise ConfigError(f"task.kind: got {kind!r}; allowed: {' | '.join(TASK_SCHEMAS)}")

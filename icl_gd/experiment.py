@@ -25,7 +25,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from icl_gd import config as config_lib
-from icl_gd import metrics, models, plots, references, runs, tasks, training
+from icl_gd import loggers, metrics, models, plots, references, runs, tasks, training
 from icl_gd.progress import TrainProgress
 
 
@@ -57,7 +57,8 @@ def check(cfg: DictConfig) -> tasks.TaskKind:
 
 def evaluation_batch(task: tasks.TaskKind, cfg: DictConfig) -> tasks.Batch:
     """The fixed evaluation set of a config: `eval.n_tasks` sequences from `fold_in(key(eval.seed), 0)`."""
-    return task.sample(jax.random.fold_in(jax.random.key(int(cfg.eval.seed)), 0), int(cfg.eval.n_tasks))
+    with training.prng(cfg):
+        return tasks.sample(task, jax.random.fold_in(jax.random.key(int(cfg.eval.seed)), 0), int(cfg.eval.n_tasks))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -103,12 +104,13 @@ def compute_references(cfg: DictConfig, task: tasks.TaskKind | None = None) -> R
     """Fit the task's references in their order (each may use those before it), then evaluate
     them on the evaluation set (docs/science.md sections 4-6 and 8)."""
     task = task or tasks.from_config(cfg.task)
-    batch = evaluation_batch(task, cfg)
-    key = jax.random.key(int(cfg.eval.seed))
-    fitted, params, evals = references.for_task(task), {}, {}
-    for ref in fitted:
-        params[ref.name] = ref.fit(references.FitContext(task, cfg, key, batch, params))
-        evals[ref.name] = evaluate_reference(task, ref, params[ref.name], batch)
+    with training.prng(cfg):
+        batch = evaluation_batch(task, cfg)
+        key = jax.random.key(int(cfg.eval.seed))
+        fitted, params, evals = references.for_task(task), {}, {}
+        for ref in fitted:
+            params[ref.name] = ref.fit(references.FitContext(task, cfg, key, batch, params))
+            evals[ref.name] = evaluate_reference(task, ref, params[ref.name], batch)
     return References(task, batch, fitted, params, evals, references.analytic(task))
 
 
@@ -285,10 +287,18 @@ def _version(package: str) -> str:
 
 
 def environment() -> dict:
-    device = jax.devices()[0]
+    """`summary.json`'s record of the machine: JAX's backend, its devices (`platform:id (kind)`,
+    e.g. `cpu:0 (cpu)`, `gpu:0 (NVIDIA H200)`), the first one's `platform:kind`, and versions."""
+    devices = jax.devices()
     versions = {pkg: _version(pkg) for pkg in ("icl-gd", "jax", "jaxlib", "flax", "optax")}
     versions["python"] = platform.python_version()
-    return {"device": f"{device.platform}:{device.device_kind}", "n_devices": jax.device_count(), "versions": versions}
+    return {
+        "backend": jax.default_backend(),
+        "device": f"{devices[0].platform}:{devices[0].device_kind}",
+        "devices": [f"{d.platform}:{d.id} ({d.device_kind})" for d in devices],
+        "n_devices": len(devices),
+        "versions": versions,
+    }
 
 
 class _StopSignals:
@@ -329,6 +339,7 @@ def train(cfg: DictConfig, run_dir: Path, allow_empty_dir: bool = False, quiet: 
         "experiment": cfg.name,
         "task": task.name,
         "seeds": int(cfg.train.seeds),
+        "prng": training.prng_name(cfg),
         **environment(),
     }
     run.write_summary(summary)
@@ -351,8 +362,9 @@ def _run(
 ) -> runs.Trained:
     """`_loop` with SIGINT / SIGTERM caught from the start: one that arrives while the references
     are fitted stops the run before its first chunk (saved and marked interrupted all the same)."""
-    with _StopSignals() as stop, runs.Checkpoints(run.path) as checkpoints:
-        return _loop(cfg, task, run, summary, start, quiet, stop, checkpoints)
+    logger = loggers.REGISTRY[cfg.logger.name](run.path, start)
+    with training.prng(cfg), _StopSignals() as stop, runs.Checkpoints(run.path) as checkpoints, logger:
+        return _loop(cfg, task, run, summary, start, quiet, stop, checkpoints, logger)
 
 
 def _loop(
@@ -364,6 +376,7 @@ def _loop(
     quiet: bool,
     stop: _StopSignals,
     checkpoints: runs.Checkpoints,
+    logger: loggers.Logger,
 ) -> runs.Trained:
     """The training loop shared by `train` and `resume`: chunks of `train.eval_every` steps, an
     evaluation after each (read once the next chunk is dispatched), checkpoints every
@@ -375,7 +388,11 @@ def _loop(
     model = models.build(cfg.model, task.layout)
     optimizer = training.make_optimizer(tc)
     init_keys, data_keys = training.seed_keys(int(tc.seed), int(tc.seeds))
-    params, opt_state = training.init_states(model, optimizer, init_keys)
+    mesh = training.seed_mesh(int(tc.seeds))
+    params, opt_state, data_keys = training.shard_seeds(
+        (*training.init_states(model, optimizer, init_keys), data_keys), mesh
+    )
+    summary["seed_devices"] = 1 if mesh is None else mesh.size
     if start > 0:
         params, opt_state = checkpoints.restore(start, params, opt_state)
     run.truncate_metrics(start)  # rows past the checkpoint, from a run killed before it could save
@@ -401,6 +418,7 @@ def _loop(
         if bad_seeds:
             fail(step, bad_seeds[0], "evaluation loss is not finite")
         run.append_metrics(rows)
+        logger.log(step, rows, train_losses)
         return rows, host
 
     rows, last_eval = record(start, evaluator(params), None)

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from icl_gd import explain, metrics, references
-from icl_gd.references import solvers
 from icl_gd.tasks import Tasks
 
 MIN_STEPS = 8  # GD and GD++ run j = 1..max(2K, MIN_STEPS) steps against a K-layer model
@@ -73,43 +72,15 @@ def line_search(readouts: Readouts, t: Tasks, steps: int) -> jax.Array:
     return jax.vmap(best)(jnp.arange(steps))[:, None]
 
 
-def _gdpp_scalars(theta_P: jax.Array, steps: int, shared: bool) -> tuple[jax.Array, jax.Array]:
-    """GD++'s `(eta_k, gamma_k)` for `steps` steps from its parameters: `(eta, gamma)` shared, or
-    all the etas then all the gammas."""
-    n = 1 if shared else steps
-    return jnp.broadcast_to(theta_P[:n], (steps,)), jnp.broadcast_to(theta_P[n:], (steps,))
-
-
-@functools.partial(jax.jit, static_argnames=("steps", "shared", "iters"))
-def fit_gdpp(t: Tasks, eta_gd: jax.Array, eta_init: jax.Array, *, steps: int, shared: bool, iters: int) -> jax.Array:
-    """GD++'s parameters for `steps` steps (`_gdpp_scalars`) with the lowest loss on `t`: damped
-    Gauss-Newton on the residuals `y_hat - y_q` from the best of `references.gdpp_starts` (around
-    `eta_init`) and of GD with its own `eta_gd` for `steps` steps (`gamma = 0`), so that the fit
-    never ends above that GD. `references.fit_gdpp` (Adam from the same starts) takes minutes per
-    `j` on two CPU cores and ends higher (loss 0.025 against 0.014 for four steps, `d = N = 10`)."""
-    u, v = references.gdpp_starts(steps, shared)
-    n = u.shape[1]
-    gd = jnp.concatenate([jnp.full((n,), eta_gd), jnp.zeros((n,))])
-    starts = jnp.concatenate([jnp.concatenate([eta_init * jnp.exp(u), eta_init * v], 1), gd[None]])
-
-    def residual(theta):
-        predict = lambda x, y, q: references.gdpp_direct(x, y, q, *_gdpp_scalars(theta, steps, shared))[-1]
-        return jax.vmap(predict)(t.x, t.y, t.xq) - t.yq
-
-    costs = jax.vmap(lambda theta: jnp.sum(residual(theta) ** 2))(starts)
-    best = starts[jnp.argmin(jnp.where(jnp.isfinite(costs), costs, jnp.inf))]
-    return solvers.levenberg_marquardt(residual, best, t.x.shape[0], iters)
-
-
 def _fit_gdpp_rows(t: Tasks, steps: int, fitted: dict[str, jax.Array], shared: bool) -> jax.Array:
     """`[steps, 2 steps]`: row `j - 1` the etas then the gammas of GD++ fitted for `j` steps,
     zero from step `j` on (a step with `eta = gamma = 0` changes nothing; the last gamma acts after
     the last readout). One step of GD++ is one step of GD."""
-    etas_gd = fitted["gd"][:, 0]
+    etas_gd, sp = fitted["gd"][:, 0], references.spectrum(t)
     rows = [jnp.zeros(2 * steps).at[0].set(etas_gd[0])]
     for j in range(2, steps + 1):
-        theta = fit_gdpp(t, etas_gd[j - 1], etas_gd[0], steps=j, shared=shared, iters=FIT_ITERS)
-        etas, gammas = _gdpp_scalars(theta, j, shared)
+        theta = references.fit_gdpp(sp, etas_gd[j - 1], etas_gd[0], steps=j, shared=shared, iters=FIT_ITERS)
+        etas, gammas = references.gdpp_scalars(theta, j, shared)
         pad = jnp.zeros(steps - j)
         rows.append(jnp.concatenate([etas, pad, gammas.at[-1].set(0.0), pad]))
     return jnp.stack(rows)

@@ -5,12 +5,26 @@ independent seeds side by side, fresh batches sampled on device from `fold_in(da
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
 
+from icl_gd import tasks
 from icl_gd.models import Model
 from icl_gd.tasks import TaskKind
+
+
+def prng_name(cfg) -> str:
+    """The generator of a run: `prng`, or when null the task kind's (`TaskKind.prng`)."""
+    return cfg.prng.name if cfg.prng is not None else tasks.from_config(cfg.task).prng
+
+
+def prng(cfg):
+    """The context in which every draw of a run uses its generator (`prng_name`, docs/science.md
+    section 7): training, the evaluation set, the reference fits and the analyses."""
+    return jax.default_prng_impl(prng_name(cfg))
 
 
 def learning_rate(train_cfg) -> float | optax.Schedule:
@@ -76,6 +90,25 @@ def make_train_chunk(model: Model, optimizer: optax.GradientTransformation, task
 
     vmapped = jax.vmap(chunk, in_axes=(0, 0, 0, None, None))
     return jax.jit(vmapped, static_argnums=4, donate_argnums=(0, 1))
+
+
+def seed_mesh(n_seeds: int) -> jax.sharding.Mesh | None:
+    """A mesh over as many devices as divide `n_seeds` evenly (the seeds of a run spread over them),
+    or None on one device."""
+    n_devices = math.gcd(n_seeds, jax.device_count())
+    if n_devices == 1:
+        return None
+    auto = (jax.sharding.AxisType.Auto,)  # the compiler partitions the programs: they need no mesh context
+    return jax.make_mesh((n_devices,), ("seeds",), axis_types=auto, devices=jax.devices()[:n_devices])
+
+
+def shard_seeds(tree, mesh: jax.sharding.Mesh | None):
+    """`tree` (arrays with a leading seed axis) with that axis split across `mesh`'s devices, so
+    that the compiled programs vmapped over seeds run each device's seeds on it (GSPMD); as is
+    without a mesh."""
+    if mesh is None:
+        return tree
+    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seeds")))
 
 
 def init_states(model: Model, optimizer: optax.GradientTransformation, init_keys: jax.Array):

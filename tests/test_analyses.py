@@ -20,7 +20,6 @@ TINY = [
     "eval.n_tasks=300",
     "eval.line_search_tasks=600",
     "eval.gdpp_steps=5",
-    "eval.gdpp_batch=64",
 ]
 
 

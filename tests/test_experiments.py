@@ -141,7 +141,8 @@ def test_depth_extrapolation_agrees_with_the_run(recurrent_run):
         (["model.init_scale=-1"], "model.init_scale: got -1.0; allowed: null (0.002 / layers) or a number > 0"),
         (["model.clip_activations=0"], "model.clip_activations: got 0.0; allowed: null or a number > 0"),
         (["model.mlp_width=0"], "model.mlp_width: got 0; allowed: an integer >= 1"),
-        (["eval.gdpp_lr=0"], "eval.gdpp_lr: got 0.0; allowed: a number > 0"),
+        (["eval.gdpp_steps=-1"], "eval.gdpp_steps: got -1; allowed: an integer >= 0"),
+        (["eval.gdpp_lr=0.05"], "eval.gdpp_lr: unknown field; allowed: n_tasks, seed, line_search_tasks, gdpp_steps"),
     ],
 )
 def test_model_and_eval_options_fail_clearly(overrides, message):

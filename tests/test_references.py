@@ -159,29 +159,37 @@ def test_bayes_ridge_lambda():
     assert references.bayes_ridge_lambda(0.5, 2.0) == pytest.approx(0.0625)
 
 
+def test_gdpp_in_the_eigenbasis_equals_gdpp_on_the_data(small_tasks):
+    """`gdpp_spectral` (per eigenvalue of X^T X / N) is `gdpp_direct` (on the tokens' inputs), and
+    with gamma = 0 it is GD written out in numpy."""
+    t = small_tasks
+    etas, gammas = jnp.array([0.7, 2.0, 5.0]), jnp.array([0.4, 1.5, 0.0])
+    direct = jax.vmap(references.gdpp_direct, in_axes=(0, 0, 0, None, None))(t.x, t.y, t.xq, etas, gammas)
+    spectral = references.gdpp_spectral(references.spectrum(t), etas, gammas)
+    np.testing.assert_allclose(spectral, direct, rtol=1e-4, atol=1e-5)
+    gd = references.gdpp_spectral(references.spectrum(t), etas, jnp.zeros(3))
+    for i in range(4):
+        np.testing.assert_allclose(gd[i], numpy_gd(*map(np.asarray, (t.x[i], t.y[i], t.xq[i])), etas), rtol=1e-4)
+
+
 def test_fit_gdpp_finds_growing_steps_that_one_start_misses():
-    """Three per-step GD++ layers: the best scalars grow from step to step; Adam from the shared
-    eta alone (the only start of an earlier version) stops at three times the loss."""
+    """Three per-step GD++ layers: the best scalars grow from step to step, far below GD; from the
+    shared eta alone (the only start of an earlier version) the fit stops 11% higher."""
     sample = lambda k, n: tasks.sample_linear(k, n, dim=4, n_context=8)
     eval_tasks = sample(jax.random.key(1), 4000)
-    eta = references.line_search_eta(sample(jax.random.key(2), 20_000), 3, 30.0).eta
-    fit = functools.partial(
-        references.fit_gdpp,
-        sample,
-        3,
-        False,
-        eta,
-        jax.random.key(3),
-        train_steps=300,
-        batch=256,
-        lr=0.05,
-        eval_tasks=eval_tasks,
-    )
+    fit_set = references.spectrum(sample(jax.random.key(2), 20_000))
+    eta = jnp.float32(references.line_search_eta(fit_set, 3, 30.0).eta)
+    fit = functools.partial(references.fit_gdpp, fit_set, eta, eta, steps=3, shared=False, iters=50)
+
+    def loss(theta):
+        preds = references.gdpp_spectral(references.spectrum(eval_tasks), *references.gdpp_scalars(theta, 3, False))
+        return float(references.loss(preds[:, -1], eval_tasks.yq))
+
     best, single = fit(), fit(starts=(jnp.zeros((1, 3)), jnp.zeros((1, 3))))
-    assert best.etas.shape == (3,) and best.gammas.shape == (3,) and float(best.gammas[-1]) == 0.0
-    assert best.loss < 0.1 * float(references.gd_loss(jnp.full((3,), eta), eval_tasks))
-    assert best.loss < 0.5 * single.loss
-    assert best.etas[0] < best.etas[1] < best.etas[2]
+    etas, gammas = references.gdpp_scalars(best, 3, False)
+    assert loss(best) < 0.1 * float(references.gd_loss(jnp.full((3,), eta), eval_tasks))
+    assert loss(best) < 0.95 * loss(single)  # 0.00087 against 0.00098
+    assert etas[0] < etas[1] < etas[2] and gammas.shape == (3,)
 
 
 def test_each_task_kind_declares_registered_references():

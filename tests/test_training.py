@@ -34,15 +34,15 @@ def test_seeds_train_independently_in_one_program(tmp_path):
         "train.batch_size=64",
         *SMALL_EVAL,
     ]
-    many = experiment.train(load_config([*base, "train.seeds=3"]), tmp_path / "many", quiet=True)
+    many = experiment.train(load_config([*base, "train.seeds=4"]), tmp_path / "many", quiet=True)
     one = experiment.train(load_config([*base, "train.seeds=1"]), tmp_path / "one", quiet=True)
     assert many.summary["final"]["loss"]["per_seed"][0] == pytest.approx(
         one.summary["final"]["loss"]["per_seed"][0], rel=1e-5
     )
     per_seed = many.summary["final"]["loss"]["per_seed"]
-    assert len(set(per_seed)) == 3  # different init and data keys
+    assert len(set(per_seed)) == 4  # different init and data keys
     df = pd.read_csv(many.run_dir / runs.METRICS_FILE)
-    assert sorted(df.step.unique()) == [0, 25, 50] and sorted(df.seed.unique()) == [0, 1, 2]
+    assert sorted(df.step.unique()) == [0, 25, 50] and sorted(df.seed.unique()) == [0, 1, 2, 3]
 
 
 def test_divergence_marks_the_run_failed(tmp_path):
@@ -79,3 +79,31 @@ def test_chunk_losses_decrease_and_keys_fold_in():
     assert isinstance(params, nnx.State)
     # Per-step data keys are fold_in(data_key, step): a restart from step k sees the same batches.
     assert not np.array_equal(jax.random.key_data(data_keys[0]), jax.random.key_data(data_keys[1]))
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg", "unsafe_rbg"])
+def test_every_generator_draws_the_task_law_with_independent_streams(impl):
+    """What training needs of a generator (`prng`), at 4 standard errors: each step's batch (keys
+    `fold_in(data_key, step)`, seeds `fold_in(key(seed), s)`) has the inputs' mean, variance and
+    fourth moment, and batches of neighbouring steps and seeds are uncorrelated."""
+    cfg = load_config([f"prng={impl}", "task.dim=4", "task.n_context=8"])
+    task = tasks.from_config(cfg.task)
+    with training.prng(cfg):
+        _, data_keys = training.seed_keys(0, 2)
+        draw = jax.jit(lambda k: task.draw(k, 4096).x.reshape(-1))
+        x = {(s, i): np.asarray(draw(jax.random.fold_in(data_keys[s], i))) for s in range(2) for i in range(3)}
+    n = x[0, 0].size
+    for values in x.values():  # U(-0.5, 0.5): variance 1/12, fourth moment 1/80
+        assert abs(values.mean()) < 4 * np.sqrt(1 / 12 / n)
+        assert abs(np.mean(values**2) - 1 / 12) < 4 * np.sqrt((1 / 80 - 1 / 144) / n)
+        assert abs(np.mean(values**4) - 1 / 80) < 4 * np.sqrt((1 / 2304 - 1 / 6400) / n)
+    for a, b in [((0, 0), (0, 1)), ((0, 1), (0, 2)), ((0, 0), (1, 0)), ((0, 2), (1, 2))]:
+        assert abs(np.corrcoef(x[a], x[b])[0, 1]) < 4 / np.sqrt(n)
+
+
+def test_each_task_kind_draws_with_its_own_generator_unless_told():
+    assert training.prng_name(load_config()) == "rbg"
+    assert training.prng_name(load_config(["task=lds"])) == "threefry2x32"
+    assert training.prng_name(load_config(["task=lds", "prng=unsafe_rbg"])) == "unsafe_rbg"
+    with training.prng(load_config(["task=lds"])):
+        assert "fry" in str(jax.random.key(0).dtype)

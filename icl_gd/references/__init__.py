@@ -7,9 +7,9 @@ from icl_gd.linalg import spd_solve
 from icl_gd.references import lds, regression, solvers  # noqa: F401  (lds and regression register the references)
 from icl_gd.references.registry import REGISTRY, FitContext, Reference, analytic, for_task, register
 from icl_gd.references.regression import (
-    GDPP,
     GDReference,
     RidgeSpectrum,
+    Spectrum,
     bayes_ridge_lambda,
     closed_form,
     closed_form_gd,
@@ -18,6 +18,8 @@ from icl_gd.references.regression import (
     gd_loss,
     gd_weights,
     gdpp_direct,
+    gdpp_scalars,
+    gdpp_spectral,
     gdpp_starts,
     gdpp_weights,
     line_search_eta,
@@ -27,15 +29,16 @@ from icl_gd.references.regression import (
     ridge_from_spectrum,
     ridge_predict,
     ridge_spectrum,
+    spectrum,
 )
 
 __all__ = [
-    "GDPP",
     "REGISTRY",
     "FitContext",
     "GDReference",
     "Reference",
     "RidgeSpectrum",
+    "Spectrum",
     "analytic",
     "bayes_ridge_lambda",
     "closed_form",
@@ -46,6 +49,8 @@ __all__ = [
     "gd_loss",
     "gd_weights",
     "gdpp_direct",
+    "gdpp_scalars",
+    "gdpp_spectral",
     "gdpp_starts",
     "gdpp_weights",
     "line_search_eta",
@@ -57,4 +62,5 @@ __all__ = [
     "ridge_predict",
     "ridge_spectrum",
     "spd_solve",
+    "spectrum",
 ]

@@ -9,15 +9,16 @@ LSA constructions against it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from icl_gd import models
+from icl_gd import models, tasks
+from icl_gd.references import solvers
 from icl_gd.references.registry import ANALYTIC, Reference, register
 from icl_gd.tasks import LinearRegression, Regression, Tasks, input_law
 
@@ -75,6 +76,44 @@ def gdpp_direct(x_Nxd, y_N, xq_d, etas_K, gammas_K) -> jax.Array:
     init = (x_Nxd, y_N, xq_d, jnp.zeros((), x_Nxd.dtype))
     _, preds = jax.lax.scan(step, init, (etas_K, gammas_K))
     return preds
+
+
+class Spectrum(NamedTuple):
+    """Tasks seen by GD and GD++ (docs/science.md section 4, "in the eigenbasis"): per task the
+    eigenvalues `lam_d` of `A = X^T X / N`, and `b = X^T y / N` (`s_d`) and `x_q` (`z_d`) in its
+    eigenbasis, with the query's label `yq`."""
+
+    lam: jax.Array
+    s: jax.Array
+    z: jax.Array
+    yq: jax.Array
+
+
+@jax.jit
+def spectrum(t: Tasks) -> Spectrum:
+    """`Spectrum` of tasks `t`: one batched `eigh`, in a program of its own (icl_gd.linalg)."""
+    n = t.x.shape[1]
+    lam, u = jnp.linalg.eigh(jnp.einsum("bnd,bne->bde", t.x, t.x) / n)
+    b = jnp.einsum("bnd,bn->bd", t.x, t.y) / n
+    to_basis = lambda v: jnp.einsum("bde,bd->be", u, v)
+    return Spectrum(lam, to_basis(b), to_basis(t.xq), t.yq)
+
+
+def gdpp_spectral(sp: Spectrum, etas_K: jax.Array, gammas_K: jax.Array) -> jax.Array:
+    """`gdpp_direct` on every task of `sp` at `O(K d)` a task: `[B, K]`. `A`'s eigenbasis never
+    changes, so a step is per eigenvalue: the readout moves by `eta z.s`, then
+    `s <- (1 - gamma lam)(1 - eta lam) s`, `z <- (1 - gamma lam) z`, `lam <- lam (1 - gamma lam)^2`."""
+
+    def step(state, eta_gamma):
+        lam, s, z, pred = state
+        eta, gamma = eta_gamma
+        pred = pred + eta * jnp.sum(z * s, axis=-1)
+        shrink = 1.0 - gamma * lam
+        return (lam * shrink**2, shrink * (1.0 - eta * lam) * s, shrink * z, pred), pred
+
+    init = (sp.lam, sp.s, sp.z, jnp.zeros_like(sp.yq))
+    _, preds_KxB = jax.lax.scan(step, init, (jnp.atleast_1d(etas_K), jnp.atleast_1d(gammas_K)))
+    return preds_KxB.T
 
 
 def loss(preds_B: jax.Array, yq_B: jax.Array) -> jax.Array:
@@ -247,9 +286,28 @@ def gd_loss(etas_K: jax.Array, t: Tasks) -> jax.Array:
     return loss(preds[:, -1], t.yq)
 
 
-def line_search_eta(t: Tasks, steps: int, eta_max: float) -> GDReference:
-    """The one `eta` shared by `steps` GD steps that minimises the loss on `t`."""
-    eta, value = jax.jit(lambda t: minimize_scalar(lambda e: gd_loss(jnp.full((steps,), e), t), 0.0, eta_max))(t)
+@functools.partial(jax.jit, static_argnums=1)
+def _line_search(sp: Spectrum, steps: int, eta_max: jax.Array) -> tuple[jax.Array, jax.Array]:
+    gd_loss_sp = lambda e: loss(gdpp_spectral(sp, jnp.full((steps,), e), jnp.zeros((steps,)))[:, -1], sp.yq)
+    return minimize_scalar(gd_loss_sp, 0.0, eta_max)
+
+
+@jax.jit
+def _one_step_eta(t: Tasks, eta_max: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One step's prediction is `eta g`, `g = x_q . X^T y / N`: the loss is a parabola in `eta`,
+    lowest on `t` at `mean(g y_q) / mean(g^2)` (clipped to `[0, eta_max]`)."""
+    g = jnp.einsum("bd,bnd,bn->b", t.xq, t.x, t.y) / t.x.shape[1]
+    eta = jnp.clip(jnp.mean(g * t.yq) / jnp.mean(g * g), 0.0, eta_max)
+    return eta, loss(eta * g, t.yq)
+
+
+def line_search_eta(t: Tasks | Spectrum, steps: int, eta_max: float) -> GDReference:
+    """The one `eta` shared by `steps` GD steps that minimises the loss on `t`: exactly for one step,
+    else by `minimize_scalar` on `[0, eta_max]`, each trial costing `O(K d)` a task (`gdpp_spectral`)."""
+    if steps == 1 and isinstance(t, Tasks):
+        eta, value = _one_step_eta(t, jnp.float32(eta_max))
+    else:
+        eta, value = _line_search(t if isinstance(t, Spectrum) else spectrum(t), steps, jnp.float32(eta_max))
     return GDReference(eta=float(eta), loss=float(value))
 
 
@@ -294,20 +352,13 @@ def bayes_ridge_lambda(noise_std: float, w_std: float) -> float:
     return noise_std**2 / w_std**2
 
 
-class GDPP(NamedTuple):
-    etas: jax.Array
-    gammas: jax.Array
-    loss: float
-
-
 # GD++ fit starts, in units of the line-searched eta: first-step scale, growth of the steps from
 # one to the next, and gamma as a fraction of eta. The loss surface has several basins: for K = 3
 # (d = N = 10) a start from a shared eta ends at loss 0.087, one with steps growing about
-# tenfold at 0.042 (eta_k ~ 4, 26, 231 with gamma_k ~ eta_k).
+# tenfold at 0.039 (eta_k ~ 3.5, 30, 270 with gamma_k ~ eta_k).
 GDPP_SCALES = (0.5, 1.0)
 GDPP_GROWTHS = (1.0, 3.0, 9.0)
 GDPP_GAMMAS = (0.0, 0.5, 1.0)
-GDPP_SELECT_TASKS = 8192
 
 
 def gdpp_starts(steps: int, shared: bool) -> tuple[jax.Array, jax.Array]:
@@ -321,61 +372,41 @@ def gdpp_starts(steps: int, shared: bool) -> tuple[jax.Array, jax.Array]:
     return log_eta, jnp.stack([f * c * r**k for c, r, f in combos])
 
 
+def gdpp_scalars(theta_P: jax.Array, steps: int, shared: bool) -> tuple[jax.Array, jax.Array]:
+    """GD++'s `(eta_k, gamma_k)` for `steps` steps from its parameters: `(eta, gamma)` shared, or
+    all the etas then all the gammas."""
+    n = 1 if shared else steps
+    return jnp.broadcast_to(theta_P[:n], (steps,)), jnp.broadcast_to(theta_P[n:], (steps,))
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "shared", "iters"))
 def fit_gdpp(
-    sample: Callable,
+    sp: Spectrum,
+    eta_gd: jax.Array,
+    eta_init: jax.Array,
+    *,
     steps: int,
     shared: bool,
-    eta_init: float,
-    key: jax.Array,
-    *,
-    train_steps: int,
-    batch: int,
-    lr: float,
-    eval_tasks: Tasks,
+    iters: int,
     starts: tuple[jax.Array, jax.Array] | None = None,
-) -> GDPP:
-    """Train GD++'s `(eta_k, gamma_k)` by Adam on the task loss (docs/science.md section 4), compiled as one
-    scan over fresh batches, from every start (`(u, v)` pairs `[C, n]`, default `gdpp_starts`) at
-    once (vmapped, same batches); keep the start whose result has the lowest loss on fresh tasks
-    of its own. Parametrised as
-    `eta_k = eta_init exp(u_k)`, `gamma_k = eta_init v_k` so that one learning rate moves steps of
-    any size by the same relative amount; cosine-decayed learning rate. `shared` ties the scalars
-    across steps (recurrent models); `loss` is on `eval_tasks`."""
+) -> jax.Array:
+    """GD++'s parameters for `steps` steps (`gdpp_scalars`) with the lowest loss on the tasks `sp`
+    (docs/science.md section 4): damped Gauss-Newton (`solvers.levenberg_marquardt`) on the
+    residuals `y_hat - y_q`, from the best of the `(u, v)` starts `[C, n]` (default `gdpp_starts`:
+    `eta_k = eta_init exp(u_k)`, `gamma_k = eta_init v_k`) and of GD with its own `eta_gd` for
+    `steps` steps (`gamma = 0`), so that the fit never ends above that GD. In the eigenbasis of each
+    task (`gdpp_spectral`) a residual costs `O(K d)`: the fit on 100,000 tasks takes a second."""
+    u, v = gdpp_starts(steps, shared) if starts is None else starts
+    n = u.shape[1]
+    gd = jnp.concatenate([jnp.full((n,), eta_gd), jnp.zeros((n,))])
+    candidates = jnp.concatenate([jnp.concatenate([eta_init * jnp.exp(u), eta_init * v], 1), gd[None]])
 
-    def scalars(params):
-        return (
-            jnp.broadcast_to(eta_init * jnp.exp(params["u"]), (steps,)),
-            jnp.broadcast_to(eta_init * params["v"], (steps,)),
-        )
+    def residual(theta):
+        return gdpp_spectral(sp, *gdpp_scalars(theta, steps, shared))[:, -1] - sp.yq
 
-    def batch_loss(params, t):
-        preds = jax.vmap(gdpp_direct, in_axes=(0, 0, 0, None, None))(t.x, t.y, t.xq, *scalars(params))
-        return loss(preds[:, -1], t.yq)
-
-    optimizer = optax.adam(optax.cosine_decay_schedule(lr, train_steps))
-    grad_fn = jax.vmap(jax.grad(batch_loss), in_axes=(0, None))
-
-    def run(key):
-        u, v = gdpp_starts(steps, shared) if starts is None else starts
-        params = {"u": u, "v": v}
-
-        def step(carry, i):
-            params, opt_state = carry
-            grads = grad_fn(params, sample(jax.random.fold_in(key, i), batch))
-            updates, opt_state = optimizer.update(grads, opt_state)
-            return (optax.apply_updates(params, updates), opt_state), None
-
-        (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), jnp.arange(train_steps))
-        held_out = sample(jax.random.fold_in(key, train_steps), GDPP_SELECT_TASKS)
-        values = jax.vmap(batch_loss, in_axes=(0, None))(params, held_out)
-        best = jax.tree_util.tree_map(lambda a: a[jnp.argmin(jnp.where(jnp.isfinite(values), values, jnp.inf))], params)
-        return scalars(best), batch_loss(best, eval_tasks)
-
-    (etas, gammas), value = jax.jit(run)(key)
-    if shared:
-        return GDPP(etas=etas[:1], gammas=gammas[:1], loss=float(value))
-    # The last gamma moves the inputs after the last readout: it has no effect, reported as 0.
-    return GDPP(etas=etas, gammas=gammas.at[-1].set(0.0), loss=float(value))
+    costs = jax.vmap(lambda theta: jnp.sum(residual(theta) ** 2))(candidates)
+    best = candidates[jnp.argmin(jnp.where(jnp.isfinite(costs), costs, jnp.inf))]
+    return solvers.levenberg_marquardt(residual, best, sp.yq.shape[0], iters)
 
 
 # The registered references of the regression task kinds.
@@ -402,7 +433,7 @@ def _fit_gd(ctx) -> jax.Array:
     """One `eta` shared by the model's number of steps, line-searched on tasks of its own."""
     closed = closed_form(ctx.task)
     eta_max = 3.0 * closed.eta if closed is not None else SINE_ETA_MAX
-    search = ctx.task.draw(jax.random.fold_in(ctx.key, 1), int(ctx.cfg.eval.line_search_tasks))
+    search = tasks.draw(ctx.task, jax.random.fold_in(ctx.key, 1), int(ctx.cfg.eval.line_search_tasks))
     return jnp.full((ctx.steps,), line_search_eta(search, ctx.steps, eta_max).eta)
 
 
@@ -416,24 +447,18 @@ class GDPPSteps(NamedTuple):
 
 
 def _fit_gdpp(ctx) -> GDPPSteps:
-    """Per-step `(eta_k, gamma_k)` (tied for recurrent models), by Adam on the task loss from the
-    line-searched eta; one step of GD++ is one step of GD (gamma acts after the label update)."""
+    """Per-step `(eta_k, gamma_k)` (tied for recurrent models) fitted on `eval.line_search_tasks`
+    tasks of its own from GD's line-searched eta (`fit_gdpp`); one step of GD++ is one step of GD
+    (gamma acts after the label update)."""
     etas, shared, ev = ctx.fitted["gd"], bool(ctx.cfg.model.recurrent), ctx.cfg.eval
     if ctx.steps == 1 or int(ev.gdpp_steps) == 0:
         return GDPPSteps(etas, jnp.zeros_like(etas), jnp.asarray(shared))
-    fit = fit_gdpp(
-        ctx.task.draw,
-        ctx.steps,
-        shared,
-        float(etas[0]),
-        jax.random.fold_in(ctx.key, 2),
-        train_steps=int(ev.gdpp_steps),
-        batch=int(ev.gdpp_batch),
-        lr=float(ev.gdpp_lr),
-        eval_tasks=ctx.eval_batch.context,
-    )
-    steps = (ctx.steps,)
-    return GDPPSteps(jnp.broadcast_to(fit.etas, steps), jnp.broadcast_to(fit.gammas, steps), jnp.asarray(shared))
+    fit_set = spectrum(tasks.draw(ctx.task, jax.random.fold_in(ctx.key, 2), int(ev.line_search_tasks)))
+    theta = fit_gdpp(fit_set, etas[0], etas[0], steps=ctx.steps, shared=shared, iters=int(ev.gdpp_steps))
+    etas, gammas = gdpp_scalars(theta, ctx.steps, shared)
+    if not shared:  # the last gamma moves the inputs after the last readout: no effect, reported as 0
+        gammas = gammas.at[-1].set(0.0)
+    return GDPPSteps(etas, gammas, jnp.asarray(shared))
 
 
 def _describe_gdpp(p: GDPPSteps) -> dict:

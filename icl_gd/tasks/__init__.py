@@ -2,7 +2,7 @@
 kind that samples `Batch`es of token sequences on device (docs/science.md sections 1, 2 and 8)."""
 
 from icl_gd.tasks import lds, linear, sine  # noqa: F401  (registers the kinds)
-from icl_gd.tasks.base import REGISTRY, Batch, Layout, Mask, TaskKind, from_config, register
+from icl_gd.tasks.base import REGISTRY, Batch, Layout, Mask, TaskKind, draw, from_config, register, sample
 from icl_gd.tasks.linear import InputLaw, LinearRegression, input_law, sample_inputs, sample_linear
 from icl_gd.tasks.regression import Regression, Tasks
 from icl_gd.tasks.sine import sample_sine
@@ -17,9 +17,11 @@ __all__ = [
     "Regression",
     "TaskKind",
     "Tasks",
+    "draw",
     "from_config",
     "input_law",
     "register",
+    "sample",
     "sample_inputs",
     "sample_linear",
     "sample_sine",

@@ -7,6 +7,7 @@ registered under its config name; `from_config(task_cfg)` builds the one a confi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar
@@ -79,6 +80,7 @@ class TaskKind(Protocol):
     name: ClassVar[str]
     references: ClassVar[tuple[str, ...]]  # names in `icl_gd.references.REGISTRY`, primary first
     sensitivities: ClassVar[bool]  # whether model cos / model diff are tracked (docs/science.md section 5)
+    prng: ClassVar[str]  # the generator its runs use unless `prng` is set: the faster one for its draws
     # whether the context is a state sequence whose last state `s_t` is the input of the prediction at
     # `t` (model cos by position, computed once at the end of a run: `metrics.last_input_sensitivities`)
     sequence_sensitivities: ClassVar[bool]
@@ -106,3 +108,16 @@ def register(cls: T) -> T:
 def from_config(task_cfg) -> TaskKind:
     """The task kind a config node describes."""
     return REGISTRY[str(task_cfg.kind)](task_cfg)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def sample(task: TaskKind, key: jax.Array, n: int) -> Batch:
+    """`task.sample(key, n)` as one compiled program (evaluation and fit sets drawn outside a
+    training step: eager sampling would dispatch, and on first use compile, every primitive alone)."""
+    return task.sample(key, n)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def draw(task: Any, key: jax.Array, n: int) -> Any:
+    """`task.draw(key, n)` of a regression task kind, as one compiled program (see `sample`)."""
+    return task.draw(key, n)

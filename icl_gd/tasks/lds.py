@@ -62,6 +62,7 @@ class LinearDynamics:
     references: ClassVar[tuple[str, ...]] = ("gd", "ridge_online", "richardson", "newton_schulz", "chebyshev")
     sensitivities: ClassVar[bool] = False  # P x D Jacobian blocks per sequence: see docs/science.md section 5
     sequence_sensitivities: ClassVar[bool] = True
+    prng: ClassVar[str] = "threefry2x32"  # Gaussian draws: cheaper with threefry than with Philox bits
 
     state_dim: int = 10
     length: int = 50

@@ -59,12 +59,14 @@ def unit_scale(x_dist: str) -> float:
 def input_map(x_cov: tuple[float, ...], x_rotation: int | None) -> np.ndarray:
     """`B = R diag(sqrt(x_cov))` `[d, d]`, so that `x = B z` (`z` of unit variance per coordinate)
     has covariance `Sigma = B B^T = R diag(x_cov) R^T` (docs/science.md section 10). `R` is the
-    identity for `x_rotation = None`, else Haar-random from `jax.random.key(x_rotation)`: a
-    constant of the task, computed once, outside any trace."""
+    identity for `x_rotation = None`, else Haar-random from a threefry `key(x_rotation)` (whatever
+    the run's `prng`): a constant of the task, computed once, outside any trace."""
     dim = len(x_cov)
     with jax.ensure_compile_time_eval():
         rotation = (
-            np.eye(dim) if x_rotation is None else np.asarray(haar_orthogonal(jax.random.key(x_rotation), 1, dim)[0])
+            np.eye(dim)
+            if x_rotation is None
+            else np.asarray(haar_orthogonal(jax.random.key(x_rotation, impl="threefry2x32"), 1, dim)[0])
         )
     return (rotation * np.sqrt(np.asarray(x_cov))[None, :]).astype(np.float32)
 
@@ -101,7 +103,8 @@ def sample_linear(
         x_all = jnp.einsum("bnk,dk->bnd", z_all, x_map, precision=jax.lax.Precision.HIGHEST)
         trace_cov = float(np.sum(np.square(x_map, dtype=np.float64)))
     y_all = jnp.einsum("bnd,bd->bn", x_all, w)
-    y_all = y_all + noise_std * jax.random.normal(k_noise, y_all.shape)
+    if noise_std:
+        y_all = y_all + noise_std * jax.random.normal(k_noise, y_all.shape)
     x, xq = x_all[:, :n_context], x_all[:, n_context]
     y, yq = y_all[:, :n_context], y_all[:, n_context]
     if distractors:
