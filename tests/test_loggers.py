@@ -15,21 +15,23 @@ from typer.testing import CliRunner
 
 from icl_gd import config, experiment, loggers, runs
 from icl_gd.cli import app
+from tests.conftest import SMALL_EVAL
 from tests.test_resume import interrupt_at
 
 EVENT_PB2: Any = (
     event_pb2  # TensorBoard's record format; protobuf builds its classes at import, unseen by type checkers
 )
+# The shapes and settings of tests/test_resume.py's runs: their compiled programs serve this one.
 RUN = [
     "task.dim=3",
     "task.n_context=5",
-    "train.steps=40",
-    "train.eval_every=10",
+    "train.steps=80",
+    "train.eval_every=20",
     "train.checkpoint_every=1",
-    "train.batch_size=32",
+    "train.batch_size=64",
     "train.seeds=2",
-    "eval.n_tasks=200",
-    "eval.line_search_tasks=2000",
+    "train.lr=3e-3",
+    *SMALL_EVAL,
     "logger=tensorboard",
 ]
 
@@ -73,7 +75,7 @@ def test_tensorboard_scalars_equal_metrics_csv_across_a_resume(tmp_path, monkeyp
         experiment.train(config.load_config(RUN), run_dir, quiet=True)
     monkeypatch.undo()
     stopped = runs.load_summary(run_dir)["interruption"]["step"]
-    assert 20 <= stopped < 40
+    assert 20 <= stopped < 80
     experiment.resume(run_dir, quiet=True)
 
     table = runs.load_metrics(run_dir)
@@ -87,10 +89,10 @@ def test_tensorboard_scalars_equal_metrics_csv_across_a_resume(tmp_path, monkeyp
         rows = table[table["seed"] == seed]
         for column in columns:
             steps, values = zip(*scalars[f"eval/{column}"], strict=True)
-            assert list(steps) == list(rows["step"]) == [0, 10, 20, 30, 40]  # each once: the restart hid the repeat
+            assert list(steps) == list(rows["step"]) == [0, 20, 40, 60, 80]  # each once: the restart hid the repeat
             np.testing.assert_array_equal(np.asarray(values, np.float32), np.asarray(rows[column], np.float32))
         train_steps, train_losses = zip(*scalars["train/loss"], strict=True)
-        assert list(train_steps) == list(range(40)) and np.isfinite(train_losses).all()
+        assert list(train_steps) == list(range(80)) and np.isfinite(train_losses).all()
 
 
 def test_each_evaluation_is_on_disk_before_the_next(tmp_path):

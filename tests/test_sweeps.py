@@ -126,8 +126,9 @@ def test_interrupted_sweep_resumes_and_completed_points_are_not_rerun(tmp_path, 
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(progress.TrainProgress, "update", second_point_interrupted)
-    # Points of the same shapes (a swept learning rate): their programs compile once.
-    cut = runner.invoke(app, ["train", "-m", *first, "train.lr=1e-3,2e-3", "--out", str(sweep)])
+    # Points of the same shapes (a swept learning rate, n_context as the submitit sweep's first
+    # point): their programs compile once.
+    cut = runner.invoke(app, ["train", "-m", *first, "task.n_context=4", "train.lr=1e-3,2e-3", "--out", str(sweep)])
     monkeypatch.undo()
     assert cut.exit_code == 130 and f"icl-gd train --resume {sweep}" in cut.output, cut.output
     assert [p["status"] for p in sweeps.load_index(sweep)["points"]] == ["completed", "interrupted"]
