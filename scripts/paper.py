@@ -3,10 +3,11 @@
 `icl-gd compare` over all of them and one `icl-gd report` of that comparison.
 
 Resumable: each experiment has a fixed folder under `--root` (default `runs/paper`); a completed
-run or sweep is not run again, an interrupted one is continued (`icl-gd train --resume`), and a run
-already explained is not explained again. Each invocation writes a new `compare-<timestamp>`
-folder (with `report.html` inside), so nothing written before is overwritten. Wall times per step
-go to `ROOT/paper.json`. Every step is the `icl-gd` command a researcher would type.
+run or sweep is not run again, an interrupted one is continued (`icl-gd train --resume`), a failed
+(diverged) one is left as it is, and a run already explained is not explained again. Each
+invocation writes a new `compare-<timestamp>` folder (with `report.html` inside), so nothing written
+before is overwritten. Wall times per step go to `ROOT/paper.json`. Every step is the `icl-gd`
+command a researcher would type.
 Usage: `python scripts/paper.py [--root DIR] [--only a,b] [--dry-run] [OVERRIDES...]`; overrides
 (e.g. `train.steps=200` for a rehearsal) go to every training run.
 """
@@ -22,6 +23,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from icl_gd import sweeps
 
 FIVE = "train.seeds=5"
 
@@ -73,17 +76,18 @@ def icl_gd() -> str:
 
 
 def status(folder: Path, sweep: bool) -> str:
-    """`new`, `completed`, or what a run (every point of a sweep) needs: `resume`."""
+    """`new`, or the run's status (`sweeps.point_status`); a sweep is `completed` when every point
+    is, `failed` when every point has ended and one failed, else `running` (to be relaunched)."""
     if not folder.exists():
         return "new"
-    if sweep:
-        points = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
-        states = [status(p, sweep=False) for p in points]
-        return "completed" if points and all(s == "completed" for s in states) else "resume"
-    summary = folder / "summary.json"
-    if not summary.exists():
-        return "resume"
-    return "completed" if json.loads(summary.read_text()).get("status") == "completed" else "resume"
+    if not sweep:
+        return sweeps.point_status(folder)
+    if not (folder / sweeps.SWEEP_FILE).exists():
+        return "running"  # killed before its index was written: relaunching says what it can
+    states = {point["status"] for point in sweeps.load_index(folder)["points"]}
+    if states == {"completed"}:
+        return "completed"
+    return "failed" if states <= {"completed", "failed"} else "running"
 
 
 def commands(step: Step, root: Path, overrides: list[str]) -> list[list[str]]:
@@ -92,9 +96,9 @@ def commands(step: Step, root: Path, overrides: list[str]) -> list[list[str]]:
     out: list[list[str]] = []
     if state == "new":
         out.append(["train", *(["-m"] if step.sweep else []), *step.overrides, *overrides, "--out", str(folder)])
-    elif state == "resume":
+    elif state not in ("completed", "failed"):  # interrupted, killed while running, or pending points
         out.append(["train", "--resume", str(folder)])
-    if step.explain and not (folder / "explain").exists():
+    if step.explain and state != "failed" and not (folder / "explain").exists():
         out.append(["explain", str(folder), "--seed-all"])
     return out
 

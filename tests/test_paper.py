@@ -1,5 +1,6 @@
 """`make paper` resumes: a completed run is not trained again, an interrupted one is continued, a
-missing one is trained, and what is already explained is not explained again."""
+missing one is trained, a failed one is left alone, and what is already explained is not explained
+again."""
 
 import json
 import shutil
@@ -29,13 +30,15 @@ def test_paper_runs_only_what_is_missing(tmp_path, tiny_run):
     shutil.copytree(tiny_run.run_dir, root / "ood", ignore=unexplained)  # interrupted
     summary = json.loads((root / "ood" / "summary.json").read_text())
     (root / "ood" / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
-    commands = plan(root, "--only", "single_layer,multi_layer,ood,recurrent", "train.steps=10")
+    shutil.copytree(tiny_run.run_dir, root / "label_noise", ignore=unexplained)  # diverged: left as it is
+    (root / "label_noise" / "summary.json").write_text(json.dumps({**summary, "status": "failed"}))
+    commands = plan(root, "--only", "single_layer,multi_layer,ood,recurrent,label_noise", "train.steps=10")
     assert commands[:4] == [
         f"explain {root / 'single_layer'} --seed-all",
         f"train -m experiment=recurrent model.layers=2,3,4,5 train.seeds=5 train.steps=10 --out {root / 'recurrent'}",
         f"train --resume {root / 'ood'}",
-        f"compare {root / 'single_layer'} {root / 'recurrent'} {root / 'multi_layer'} {root / 'ood'} --out "
-        + commands[3].rsplit("--out ", 1)[1],
+        f"compare {root / 'single_layer'} {root / 'recurrent'} {root / 'multi_layer'} {root / 'ood'} "
+        f"{root / 'label_noise'} --out " + commands[3].rsplit("--out ", 1)[1],
     ]
     assert commands[4].startswith(f"report {root}/compare-")
 
