@@ -388,11 +388,11 @@ def _loop(
     model = models.build(cfg.model, task.layout)
     optimizer = training.make_optimizer(tc)
     init_keys, data_keys = training.seed_keys(int(tc.seed), int(tc.seeds))
-    mesh = training.seed_mesh(int(tc.seeds))
-    params, opt_state, data_keys = training.shard_seeds(
-        (*training.init_states(model, optimizer, init_keys), data_keys), mesh
+    sharding = training.seed_sharding(int(tc.seeds))
+    params, opt_state, data_keys = jax.device_put(
+        (*training.init_states(model, optimizer, init_keys), data_keys), sharding
     )
-    summary["seed_devices"] = 1 if mesh is None else mesh.size
+    summary["seed_devices"] = len(sharding.device_set)
     if start > 0:
         params, opt_state = checkpoints.restore(start, params, opt_state)
     run.truncate_metrics(start)  # rows past the checkpoint, from a run killed before it could save

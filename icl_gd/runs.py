@@ -237,16 +237,11 @@ class Trained:
 
 def _abstract_params(cfg: DictConfig, model: models.Model) -> nnx.State:
     """The structure of every seed's parameters (leading seed axis), to restore a checkpoint into,
-    placed on this process's devices as training places them (`training.seed_mesh`), whatever the
-    devices that saved it."""
+    placed on this process's devices as training places them (`training.seed_sharding`), whatever
+    the devices that saved it."""
     seeds = int(cfg.train.seeds)
     init_keys, _ = training.seed_keys(int(cfg.train.seed), seeds)
-    mesh = training.seed_mesh(seeds)
-    sharding = (
-        jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        if mesh is None
-        else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seeds"))
-    )
+    sharding = training.seed_sharding(seeds)
     return jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
         jax.eval_shape(jax.vmap(model.init), init_keys),

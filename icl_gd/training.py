@@ -92,23 +92,16 @@ def make_train_chunk(model: Model, optimizer: optax.GradientTransformation, task
     return jax.jit(vmapped, static_argnums=4, donate_argnums=(0, 1))
 
 
-def seed_mesh(n_seeds: int) -> jax.sharding.Mesh | None:
-    """A mesh over as many devices as divide `n_seeds` evenly (the seeds of a run spread over them),
-    or None on one device."""
+def seed_sharding(n_seeds: int) -> jax.sharding.Sharding:
+    """Where arrays with a leading seed axis live: that axis split across as many devices as divide
+    `n_seeds` evenly, so that the compiled programs vmapped over seeds run each device's seeds on
+    it (GSPMD, no mesh context needed), or the first device alone."""
     n_devices = math.gcd(n_seeds, jax.device_count())
     if n_devices == 1:
-        return None
-    auto = (jax.sharding.AxisType.Auto,)  # the compiler partitions the programs: they need no mesh context
-    return jax.make_mesh((n_devices,), ("seeds",), axis_types=auto, devices=jax.devices()[:n_devices])
-
-
-def shard_seeds(tree, mesh: jax.sharding.Mesh | None):
-    """`tree` (arrays with a leading seed axis) with that axis split across `mesh`'s devices, so
-    that the compiled programs vmapped over seeds run each device's seeds on it (GSPMD); as is
-    without a mesh."""
-    if mesh is None:
-        return tree
-    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seeds")))
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    auto = (jax.sharding.AxisType.Auto,)
+    mesh = jax.make_mesh((n_devices,), ("seeds",), axis_types=auto, devices=jax.devices()[:n_devices])
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seeds"))
 
 
 def init_states(model: Model, optimizer: optax.GradientTransformation, init_keys: jax.Array):
